@@ -1,0 +1,33 @@
+# Everything installs into .venv; `make test` builds or refreshes it first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch; on a CUDA machine use e.g. `make TORCH=torch install` and then `pip install -e .[cuda]`.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test up bench demo-model clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+up: $(STAMP)
+	$(BIN)/tessera up
+
+bench: $(STAMP)
+	$(BIN)/python bench/offline_throughput.py
+
+demo-model: $(STAMP)
+	$(BIN)/python demo_model/train.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

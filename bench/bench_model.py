@@ -1,0 +1,41 @@
+"""The benchmark model (Llama shape, random weights) and workload, shared by the benchmarks."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH_SHAPE = dict(
+    hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+    intermediate_size=1408, vocab_size=32000, max_position_embeddings=2048,
+)
+
+
+def build_bench_model(directory: str | Path) -> Path:
+    """Writes the random-weight fp32 benchmark checkpoint once; later calls reuse it."""
+    directory = Path(directory)
+    if (directory / "model.safetensors").exists():
+        return directory
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**BENCH_SHAPE, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+
+def make_workload(num_requests=64, prompt_range=(32, 512), output_range=(16, 256), seed=0, vocab=32000) -> Workload:
+    rng = random.Random(seed)
+    prompts, output_lens = [], []
+    for _ in range(num_requests):
+        prompts.append([rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_range))])
+        output_lens.append(rng.randint(*output_range))
+    return Workload(prompts, output_lens)

@@ -1,0 +1,76 @@
+"""PyTorch attention over the paged KV cache: gather each request's context, then scaled dot-product attention.
+
+It runs anywhere PyTorch does, and it is the oracle the Triton and XLA backends are tested against.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tessera.engine.attention.backend import AttentionBackend, AttentionMetadata
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def gather_context(kv_plane: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """[length, num_kv_heads, head_dim] keys (or values) of one request, in position order."""
+    block_size = kv_plane.shape[1]
+    num_blocks = -(-length // block_size)
+    return kv_plane[block_table[:num_blocks]].flatten(0, 1)[:length]
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale, sliding_window=None):
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        if meta.num_decodes:
+            out[: meta.num_decodes] = self._decodes(q[: meta.num_decodes], kv_cache, meta, scale, sliding_window)
+        start = meta.num_decodes
+        for i in range(meta.num_decodes, meta.num_reqs):
+            q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
+            keys = gather_context(kv_cache[0], meta.block_tables[i], seq_len)
+            values = gather_context(kv_cache[1], meta.block_tables[i], seq_len)
+            # Query j sits at absolute position seq_len - q_len + j and sees keys up to it.
+            q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
+            k_pos = torch.arange(seq_len).unsqueeze(0)
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+            out[start : start + q_len] = _sdpa(q[start : start + q_len].unsqueeze(0), keys.unsqueeze(0),
+                                               values.unsqueeze(0), mask.unsqueeze(0), scale)[0]
+            start += q_len
+        return out
+
+    def _decodes(self, q, kv_cache, meta, scale, sliding_window):
+        """All single-token queries at once: contexts padded to the longest and masked."""
+        n = meta.num_decodes
+        seq_lens = meta.seq_lens[:n].to(torch.long)
+        max_len = max(meta.seq_lens_cpu[:n])
+        block_size = kv_cache.shape[2]
+        num_blocks = -(-max_len // block_size)
+        tables = meta.block_tables[:n, :num_blocks].to(torch.long)
+        keys = kv_cache[0][tables].flatten(1, 2)[:, :max_len]  # [n, max_len, kv_heads, head_dim]
+        values = kv_cache[1][tables].flatten(1, 2)[:, :max_len]
+        k_pos = torch.arange(max_len).unsqueeze(0)
+        mask = k_pos < seq_lens.unsqueeze(1)
+        if sliding_window is not None:
+            mask &= k_pos >= (seq_lens - sliding_window).unsqueeze(1)
+        return _sdpa(q.unsqueeze(1), keys, values, mask.unsqueeze(1), scale).squeeze(1)
+
+
+def _sdpa(q, k, v, mask, scale):
+    """q [b, q_len, heads, d], k/v [b, kv_len, kv_heads, d], mask [b, q_len, kv_len] -> [b, q_len, heads, d]."""
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=2)
+        v = v.repeat_interleave(groups, dim=2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=scale
+    )
+    return out.transpose(1, 2)

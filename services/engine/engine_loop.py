@@ -1,0 +1,135 @@
+"""Runs an LLMEngine on its own thread so that callers can stream and abort while it steps.
+
+Callers hand in a sink per request (a function called with each RequestOutput, on the engine thread). A sync
+caller uses `stream()`; an asyncio server passes a sink that hops onto its event loop, so the engine never
+blocks the event loop and a slow consumer never stalls the other streams.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from typing import Callable, Iterator, Sequence
+
+from tessera.engine.engine import LLMEngine
+from tessera.engine.request import Request, RequestOutput
+from tessera.engine.sampling_params import InvalidParam, SamplingParams
+
+log = logging.getLogger("tessera.engine")
+
+Sink = Callable[[RequestOutput | BaseException], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}  # owned by the engine thread
+        self._live_ids: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="tessera-engine", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        sink: Sink,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
+        """Validates in the caller's thread (raising InvalidParam), then queues the request for the engine."""
+        self.engine.validate(prompt_token_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        with self._lock:
+            if request_id in self._live_ids:
+                raise InvalidParam("request_id", f"{request_id!r} is already running")
+            self._live_ids.add(request_id)
+        self._send(("add", Request(request_id, list(prompt_token_ids), params, priority), sink))
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def stream(self, prompt_token_ids: Sequence[int], params: SamplingParams, **kwargs) -> Iterator[RequestOutput]:
+        """Yields outputs as they come; closing the iterator early aborts the request."""
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        request_id = self.submit(prompt_token_ids, params, outputs.put, **kwargs)
+        finished = False
+        try:
+            while not finished:
+                out = outputs.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return len(self._live_ids)
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def _send(self, command: tuple) -> None:
+        self._inbox.put(command)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # a broken worker fails every request rather than hanging them
+                log.exception("engine step failed")
+                self._fail_all(error)
+                continue
+            for out in outputs:
+                self._deliver(out)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _, request, sink = command
+                self._sinks[request.request_id] = sink
+                self.engine.scheduler.add(request)
+            else:
+                final = self.engine.abort_request(command[1])
+                if final is not None:
+                    self._deliver(final)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        sink = self._sinks.get(out.request_id)
+        if out.finished:
+            self._sinks.pop(out.request_id, None)
+            with self._lock:
+                self._live_ids.discard(out.request_id)
+        if sink is not None:
+            try:
+                sink(out)
+            except Exception:  # a consumer's failure is its own; the engine goes on
+                log.exception("sink for %s failed", out.request_id)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self._sinks):
+            self.engine.abort_request(request_id)
+            sink = self._sinks.pop(request_id)
+            with self._lock:
+                self._live_ids.discard(request_id)
+            sink(error)

@@ -1,0 +1,161 @@
+"""The worker role: model weights, the physical KV tensors, the attention backend and the sampler.
+
+Each step it takes a StepPlan (deltas only; it keeps each request's tokens and block table itself), lays the
+scheduled tokens out as one flat ragged batch, runs one forward pass, samples, and returns the tokens.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from tessera.engine.attention.backend import AttentionBackend, AttentionMetadata
+from tessera.engine.attention.torch_backend import TorchAttentionBackend
+from tessera.engine.checkpoint import load_model
+from tessera.engine.model_config import ModelConfig
+from tessera.engine.sampler import Sampler, SamplingRow, top_logprobs
+from tessera.engine.sampling_params import SamplingParams
+from tessera.engine.step import StepPlan, StepResult, TokenLogprobs
+
+log = logging.getLogger("tessera.worker")
+
+
+@dataclass
+class WorkerConfig:
+    model: str
+    dtype: str | None = None  # None: the checkpoint's own
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes of KV tensors; the block count follows from it
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use few blocks to force preemption)
+
+
+@dataclass
+class _RequestState:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, attn_backend: AttentionBackend | None = None):
+        self.device = torch.device(config.device)
+        self.attn_backend = attn_backend or TorchAttentionBackend()
+        self.model, self.model_config = load_model(config.model, self.attn_backend, config.dtype, self.device)
+        mc: ModelConfig = self.model_config
+        self.block_size = config.block_size
+        bytes_per_block = mc.kv_bytes_per_token * config.block_size
+        self.num_blocks = config.num_kv_blocks or max(config.kv_cache_memory // bytes_per_block, 1)
+        shape = self.attn_backend.kv_cache_shape(self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_hidden_layers)]
+        log.info(
+            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %s backend)",
+            self.num_blocks, self.block_size, self.num_blocks * self.block_size,
+            self.num_blocks * bytes_per_block / 2**20, mc.dtype, self.attn_backend.name,
+        )
+        self.sampler = Sampler(mc.vocab_size, mc.eos_token_ids)
+        self.requests: dict[str, _RequestState] = {}
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        for request_id in plan.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for new in plan.new_requests:
+            self.requests[new.request_id] = _RequestState(
+                list(new.token_ids), new.num_prompt_tokens, new.params, list(new.block_ids), new.num_computed_tokens
+            )
+        for request_id, block_ids in plan.new_block_ids.items():
+            self.requests[request_id].block_ids.extend(block_ids)
+        if not plan.num_scheduled_tokens:
+            return StepResult()
+
+        # Decodes first: backends batch the single-token queries together.
+        scheduled = sorted(plan.num_scheduled_tokens.items(), key=lambda item: item[1] != 1)
+        states = [self.requests[request_id] for request_id, _ in scheduled]
+        input_ids, positions, request_index, query_lens, seq_lens = [], [], [], [], []
+        for i, ((_, num_new), state) in enumerate(zip(scheduled, states)):
+            start, end = state.num_computed_tokens, state.num_computed_tokens + num_new
+            input_ids.extend(state.token_ids[start:end])
+            positions.extend(range(start, end))
+            request_index.extend([i] * num_new)
+            query_lens.append(num_new)
+            seq_lens.append(end)
+        meta = self._metadata(states, positions, request_index, query_lens, seq_lens)
+        hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
+
+        # Which hidden rows need logits: the last token of each request that completes its context (to sample),
+        # and every prompt position of a chunk whose request asked for prompt logprobs.
+        sample_rows, sampling, prompt_rows, prompt_targets = [], [], [], []
+        offset = 0
+        for (request_id, num_new), state in zip(scheduled, states):
+            start, end = state.num_computed_tokens, state.num_computed_tokens + num_new
+            if state.params.prompt_logprobs is not None:
+                for position in range(start, min(end, state.num_prompt_tokens - 1)):
+                    prompt_rows.append(offset + position - start)
+                    prompt_targets.append((request_id, state.token_ids[position + 1]))
+            if end >= len(state.token_ids):
+                sample_rows.append(offset + num_new - 1)
+                sampling.append((request_id, state))
+            offset += num_new
+            state.num_computed_tokens = end
+
+        result = StepResult()
+        logits = self.model.compute_logits(hidden[self._tensor(sample_rows + prompt_rows)])
+        if sampling:
+            self._sample(logits[: len(sample_rows)], sampling, result)
+        if prompt_rows:
+            self._prompt_logprobs(logits[len(sample_rows) :], prompt_targets, result)
+        return result
+
+    def _sample(self, logits: torch.Tensor, sampling: list, result: StepResult) -> None:
+        rows = [
+            SamplingRow(state.params, state.token_ids[: state.num_prompt_tokens], state.token_ids[state.num_prompt_tokens :])
+            for _, state in sampling
+        ]
+        out = self.sampler(logits, rows)
+        token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
+        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        top_values = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for i, (request_id, state) in enumerate(sampling):
+            state.token_ids.append(token_ids[i])
+            result.sampled_token_ids[request_id] = token_ids[i]
+            n = state.params.logprobs
+            if n is not None:
+                top = list(zip(top_ids[i][:n], top_values[i][:n])) if n else []
+                result.logprobs[request_id] = TokenLogprobs(token_ids[i], logprobs[i], top)
+
+    def _prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[str, int]], result: StepResult) -> None:
+        log_probs = torch.log_softmax(logits, dim=-1)
+        chosen = log_probs.gather(1, self._tensor([t for _, t in targets]).unsqueeze(1)).squeeze(1).tolist()
+        k = max(self.requests[request_id].params.prompt_logprobs for request_id, _ in targets)
+        top_ids, top_values = top_logprobs(logits, k) if k else (None, None)
+        for i, (request_id, token_id) in enumerate(targets):
+            n = self.requests[request_id].params.prompt_logprobs
+            top = list(zip(top_ids[i, :n].tolist(), top_values[i, :n].tolist())) if n else []
+            result.prompt_logprobs.setdefault(request_id, []).append(TokenLogprobs(token_id, chosen[i], top))
+
+    def _metadata(self, states, positions, request_index, query_lens, seq_lens) -> AttentionMetadata:
+        max_blocks = max(len(state.block_ids) for state in states)
+        block_tables = self._tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in states], torch.int32)
+        positions_t = torch.tensor(positions, dtype=torch.long)
+        request_index_t = torch.tensor(request_index, dtype=torch.long)
+        block_of_token = block_tables.cpu()[request_index_t, positions_t // self.block_size].to(torch.long)
+        slot_mapping = block_of_token * self.block_size + positions_t % self.block_size
+        query_start_loc = [0]
+        for q in query_lens:
+            query_start_loc.append(query_start_loc[-1] + q)
+        return AttentionMetadata(
+            query_start_loc=self._tensor(query_start_loc, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            block_tables=block_tables,
+            slot_mapping=slot_mapping.to(self.device),
+            num_decodes=sum(1 for q in query_lens if q == 1),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
+
+    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
