@@ -99,7 +99,7 @@ MODEL_SHAPE = dict(
 
 # Training recipe (full run).  Fixed step count, so the result does not depend
 # on how fast the machine is.
-FULL = dict(steps=1600, batch_size=4, seq_len=512, lr=2e-3, min_lr_ratio=0.1, warmup=100,
+FULL = dict(steps=1500, batch_size=4, seq_len=512, lr=2e-3, min_lr_ratio=0.1, warmup=100,
             weight_decay=0.1, grad_clip=1.0, log_every=25, eval_batches=None)
 QUICK = dict(steps=6, batch_size=2, seq_len=128, lr=2e-3, min_lr_ratio=0.1, warmup=2,
              weight_decay=0.1, grad_clip=1.0, log_every=1, eval_batches=4)
@@ -401,6 +401,8 @@ def main() -> None:
         do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=128,
     )
     model.save_pretrained(str(out), safe_serialization=True)
+    for f in out.iterdir():  # save_pretrained may create files 0600; make them plain repository files
+        f.chmod(0o644)
     completion = greedy_completion(out, PROMPT, 64)
     log(f"greedy completion of {PROMPT!r}:\n{completion}")
 

@@ -178,6 +178,7 @@ def filtered_distribution(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
 
 FILTERS = [
     dict(temperature=1.0),
+    dict(temperature=1.0, top_k=1000),  # larger than the vocabulary: no filter
     dict(temperature=0.7, top_k=5),
     dict(temperature=1.3, top_p=0.8),
     dict(temperature=1.0, min_p=0.15),
@@ -298,7 +299,8 @@ def test_min_tokens_blocks_eos_and_stop_ids_until_reached():
     sampler = make_sampler()
 
     def pick(output, **params):
-        return int(sampler(logits, [make_row(output=output, min_tokens=3, stop_token_ids=[stop], **params)]).token_ids[0])
+        row = make_row(output=output, min_tokens=3, stop_token_ids=[stop], **params)
+        return int(sampler(logits, [row]).token_ids[0])
 
     for length in range(3):
         assert pick([20] * length, temperature=0.0) == 20
@@ -308,3 +310,32 @@ def test_min_tokens_blocks_eos_and_stop_ids_until_reached():
     assert pick([], temperature=0.0, ignore_eos=True) == EOS
     logits[0, EOS] = -math.inf
     assert pick([], temperature=0.0, ignore_eos=True) == 20
+
+
+def test_ties_at_the_top_k_boundary_keep_the_lowest_ids():
+    logits = torch.full((1, VOCAB), -5.0)
+    logits[0, [40, 12, 30, 7]] = 1.0  # four-way tie, top_k=2 keeps ids 7 and 12
+    draws = 400
+    rows = [make_row(top_k=2, seed=s) for s in range(draws)]
+    alone = make_sampler()(logits.expand(draws, -1), rows).token_ids
+    assert set(alone.tolist()) == {7, 12}
+    # Another row asking for a wider candidate set changes nothing for these.
+    mixed = make_sampler()(logits.expand(draws + 1, -1), rows + [make_row(top_p=0.99)]).token_ids[:draws]
+    assert torch.equal(alone, mixed)
+
+
+def test_columns_past_the_vocabulary_are_ignored():
+    logits = random_logits(3, VOCAB + 8)
+    logits[:, VOCAB:] = 100.0  # padding of the lm_head
+    out = make_sampler()(logits, [make_row(temperature=0.0), make_row(), make_row(logprobs=2)])
+    assert torch.all(out.token_ids < VOCAB)
+    expected = torch.log_softmax(logits[:, :VOCAB], dim=-1).gather(1, out.token_ids[:, None]).squeeze(1)
+    torch.testing.assert_close(out.logprobs, expected)
+
+
+def test_top_k_ranks_negative_zero_and_banned_logits_correctly():
+    logits = torch.tensor([[-3.0, 0.5, -0.25, -math.inf, 2.0, -1.0, 0.0, -7.5]])
+    draws = 2000
+    rows = [make_row(temperature=3.0, top_k=4)] * draws
+    tokens = make_sampler(vocab=8)(logits.expand(draws, -1), rows).token_ids
+    assert set(tokens.tolist()) == {4, 1, 6, 2}

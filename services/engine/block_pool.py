@@ -73,7 +73,8 @@ class BlockPool:
             block_id, _ = self.free_queue.popitem(last=False)
             block = self.blocks[block_id]
             if block.hash is not None:
-                pass
+                del self.cached[block.hash]
+                block.hash = None
             block.ref_count = 1
             taken.append(block_id)
         return taken

@@ -2,8 +2,8 @@
 
 Per row, in this order: logit bias, min_tokens (EOS and stop ids banned until reached), repetition
 penalty, presence and frequency penalties, then either argmax (temperature 0) or temperature, top-k,
-top-p, min-p and a draw. Each stage runs once over the rows that use it, so a plain greedy row costs
-only its share of one argmax.
+top-p, min-p and a draw. Each stage runs once, batched over the rows that use it, so a plain greedy
+row costs only its share of one argmax and one log_softmax.
 
 Reported logprobs always come from the model's raw distribution (log_softmax of the logits before any
 processing): that is what clients and the parity tests with transformers compare with.
@@ -56,14 +56,14 @@ class Sampler:
         self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        logits = logits.float()
+        logits = logits[:, : self.vocab_size].float()  # columns past the vocabulary pad the lm_head
         raw_logprobs = logits.log_softmax(dim=-1)
         token_ids = logits.argmax(dim=-1)  # final for plain greedy rows
 
         busy = [i for i, row in enumerate(rows) if not self._is_plain_greedy(row)]
         if busy:
-            # logits[busy] is a copy: the caller's logits stay untouched.
-            token_ids[busy] = self._sample(logits[busy], [rows[i] for i in busy])
+            # _select copies, so the processing below never touches the caller's logits.
+            token_ids[busy] = self._sample(_select(logits, busy), [rows[i] for i in busy])
 
         num_top = max((row.params.logprobs or 0 for row in rows), default=0)
         top_ids = top_values = None
@@ -94,13 +94,16 @@ class Sampler:
         self._apply_repetition_penalty(logits, rows)
         self._apply_presence_frequency_penalties(logits, rows)
 
-        token_ids = logits.argmax(dim=-1)  # final for greedy rows; random rows are overwritten below
+        greedy = [i for i, row in enumerate(rows) if row.params.greedy]
         random = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if not greedy:
+            return self._draw(logits, rows)  # the usual case, without a second copy
+        token_ids = logits.argmax(dim=-1)  # final for greedy rows
         if random:
-            token_ids[random] = self._draw(logits[random], [rows[i] for i in random])
+            token_ids[random] = self._draw(_select(logits, random), [rows[i] for i in random])
         return token_ids
 
-    # --- logit processing, each stage only over the rows that use it ---
+    # --- logit processing: each stage touches only the (row, token) pairs it changes ---
 
     def _add_logit_bias(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         row_idx, token_idx, bias = [], [], []
@@ -128,26 +131,30 @@ class Sampler:
         chosen = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
         if not chosen:
             return
-        # Hugging Face semantics: every token seen in prompt or output, once, whatever its count.
-        seen = _token_counts(
-            [[rows[i].prompt_token_ids, rows[i].output_token_ids] for i in chosen], self.vocab_size, logits.device
-        ) > 0
-        penalty = torch.tensor([rows[i].params.repetition_penalty for i in chosen], device=logits.device)[:, None]
-        x = logits[chosen]
+        # Hugging Face semantics: every token seen in prompt or output, once, whatever its count. A token seen
+        # twice is gathered twice and written twice with the same value, so it is still penalized once.
+        row_idx, token_idx = _token_positions(
+            [i for i in chosen for _ in range(2)],
+            [seq for i in chosen for seq in (rows[i].prompt_token_ids, rows[i].output_token_ids)],
+            logits.device,
+        )
+        penalty = torch.tensor([row.params.repetition_penalty for row in rows], device=logits.device)[row_idx]
+        seen = logits[row_idx, token_idx]
         # Dividing a positive logit and multiplying a negative one both make the token less likely.
-        logits[chosen] = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+        logits[row_idx, token_idx] = torch.where(seen > 0, seen / penalty, seen * penalty)
 
     def _apply_presence_frequency_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
-        chosen = [
-            i for i, row in enumerate(rows) if row.params.presence_penalty != 0.0 or row.params.frequency_penalty != 0.0
-        ]
+        chosen = [i for i, row in enumerate(rows) if row.params.presence_penalty or row.params.frequency_penalty]
         if not chosen:
             return
-        # OpenAI semantics: generated tokens only.
-        counts = _token_counts([[rows[i].output_token_ids] for i in chosen], self.vocab_size, logits.device)
-        presence = torch.tensor([rows[i].params.presence_penalty for i in chosen], device=logits.device)[:, None]
-        frequency = torch.tensor([rows[i].params.frequency_penalty for i in chosen], device=logits.device)[:, None]
-        logits[chosen] -= presence * (counts > 0) + frequency * counts
+        # OpenAI semantics: generated tokens only; logit -= presence * (count > 0) + frequency * count.
+        row_idx, token_idx = _token_positions(chosen, [rows[i].output_token_ids for i in chosen], logits.device)
+        vocab = logits.shape[-1]
+        pairs, counts = torch.unique(row_idx * vocab + token_idx, return_counts=True)
+        row_idx, token_idx = pairs // vocab, pairs % vocab
+        presence = torch.tensor([row.params.presence_penalty for row in rows], device=logits.device)[row_idx]
+        frequency = torch.tensor([row.params.frequency_penalty for row in rows], device=logits.device)[row_idx]
+        logits[row_idx, token_idx] -= presence + frequency * counts
 
     # --- random rows ---
 
@@ -155,13 +162,13 @@ class Sampler:
         device = logits.device
         temperature = torch.tensor([row.params.temperature for row in rows], device=device)
         # The floor keeps logits finite (a tiny temperature is all but greedy anyway).
-        logits = logits.div_(temperature.clamp_min(1e-6)[:, None])
+        logits.div_(temperature.clamp_min(1e-6)[:, None])
 
         filtered = [i for i, row in enumerate(rows) if row.params.top_k > 0 or row.params.top_p < 1.0]
         if filtered:
-            top_k = _long([rows[i].params.top_k for i in filtered], device)
-            top_p = torch.tensor([rows[i].params.top_p for i in filtered], device=device)
-            logits[filtered] = _apply_top_k_top_p(logits[filtered], top_k, top_p)
+            top_k = [rows[i].params.top_k for i in filtered]
+            top_p = [rows[i].params.top_p for i in filtered]
+            logits[filtered] = _apply_top_k_top_p(_select(logits, filtered), top_k, top_p)
 
         if any(row.params.min_p > 0.0 for row in rows):
             # p >= min_p * p_max  <=>  logit >= max logit + log(min_p); log(0) = -inf keeps everything.
@@ -190,27 +197,45 @@ class Sampler:
         return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") % 2**63)
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Masks to -inf what top-k (k <= 0: off) and then top-p (1: off) exclude; one sort for both."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(logits.shape[-1], device=logits.device)
-    k = torch.where(top_k > 0, top_k, logits.shape[-1])
-    sorted_logits.masked_fill_(rank >= k[:, None], -math.inf)
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Masks to -inf what top-k (k <= 0: off) and then top-p (1: off) exclude, with one partial sort."""
+    vocab = logits.shape[-1]
+    kept = [min(k, vocab) if k > 0 else vocab for k in top_k]  # validation lets top_k exceed the vocabulary
+    # Only the best max(k) tokens can survive, and on CPU a partial sort (topk) is many times cheaper than
+    # a full one. Unique ranking keys keep tied logits from ranking differently as that max (the batch) changes.
+    order = _ranking_keys(logits).topk(max(kept), dim=-1).indices
+    sorted_logits = logits.gather(-1, order)
+    rank = torch.arange(order.shape[-1], device=logits.device)
+    sorted_logits.masked_fill_(rank >= torch.tensor(kept, device=logits.device)[:, None], -math.inf)
     # Top-p over what top-k left: drop a token once the more likely ones already reach top_p, which always
     # keeps the first. Rows with top_p == 1 skip it, so rounding in the cumsum cannot trim their tail.
+    p = torch.tensor(top_p, device=logits.device)[:, None]
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
-    sorted_logits.masked_fill_(drop, -math.inf)
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    sorted_logits.masked_fill_((mass_before >= p) & (p < 1.0), -math.inf)
+    return torch.full_like(logits, -math.inf).scatter_(-1, order, sorted_logits)
 
 
-def _token_counts(token_lists: list[list[Sequence[int]]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """float32 [len(token_lists), vocab_size]: how often each token occurs in each row's sequences."""
-    per_row = [torch.cat([torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs]) for seqs in token_lists]
-    row_idx = torch.repeat_interleave(torch.arange(len(per_row)), torch.tensor([len(t) for t in per_row]))
-    flat = (row_idx * vocab_size + torch.cat(per_row)).to(device)
-    return torch.bincount(flat, minlength=len(per_row) * vocab_size).view(len(per_row), vocab_size).float()
+def _ranking_keys(logits: torch.Tensor) -> torch.Tensor:
+    """int64 [n, vocab], ordered like (logit, then the lower token id first) and unique within a row."""
+    bits = logits.contiguous().view(torch.int32)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # flip the magnitude bits of negatives: float order = int order
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    return bits.long().mul_(2**32).add_(logits.shape[-1] - 1 - ids)
+
+
+def _token_positions(
+    row_ids: list[int], sequences: list[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) of every token of every sequence; sequences[j] belongs to row row_ids[j]."""
+    tokens = [torch.as_tensor(seq, dtype=torch.long).reshape(-1).cpu() for seq in sequences]
+    row_idx = torch.repeat_interleave(torch.tensor(row_ids), torch.tensor([len(t) for t in tokens]))
+    return row_idx.to(device), torch.cat(tokens).to(device)
+
+
+def _select(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """A copy of the given rows (index_select is several times faster than x[list] on CPU)."""
+    return x.index_select(0, _long(rows, x.device))
 
 
 def _long(values: list[int], device: torch.device) -> torch.Tensor:

@@ -93,9 +93,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, i, attn_backend) for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(config, i, attn_backend) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -131,8 +129,7 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(slots.keys() - loaded)
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise CheckpointError(f"tensor '{missing[0]}' is missing from the checkpoint "
-                                  f"(missing: {', '.join(missing[:5])}{more})")
+            raise CheckpointError(f"tensors missing from the checkpoint: {', '.join(missing[:5])}{more}")
 
     def _checkpoint_slots(self) -> dict[str, torch.Tensor]:
         """Hugging Face tensor name -> the parameter, or the slice of a fused parameter, it fills."""
