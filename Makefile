@@ -24,7 +24,7 @@ up: $(STAMP)
 	$(BIN)/tessera up
 
 bench: $(STAMP)
-	$(BIN)/python bench/offline_throughput.py
+	$(BIN)/python -u bench/offline_throughput.py
 
 demo-model: $(STAMP)
 	$(BIN)/python demo_model/train.py

@@ -1,1 +1,178 @@
-print("ok")
+"""The `tessera` command: run one role (engine, worker, tokenizer), all of them (`up`), or a client (`generate`)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_MODEL = Path(__file__).resolve().parents[1] / "models" / "tessera-demo"
+DEFAULT_MODEL = os.environ.get("TESSERA_MODEL", str(REPO_MODEL))
+DEFAULT_PORT = 50051
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1e9' or plain bytes."""
+    match = re.fullmatch(r"\s*([\d.e+]+)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 512MiB)")
+    number, unit = float(match.group(1)), (match.group(2) or "").upper().rstrip("B")
+    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    return int(number * scale[unit])
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face checkpoint directory "
+                        "(default: $TESSERA_MODEL or the repository's demo model)")
+    parser.add_argument("--device", default=os.environ.get("TESSERA_DEVICE", "cpu"), help="cpu (default)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--kv-cache-memory", type=parse_bytes, default=parse_bytes("1GiB"),
+                        help="memory for KV tensors; the block count follows (default 1GiB)")
+
+
+def add_server_args(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--host", default="[::]")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"))
+    roles = parser.add_subparsers(dest="command", required=True)
+
+    engine = roles.add_parser("engine", help="the engine: scheduler, KV cache, and an in-process or remote worker")
+    add_model_args(engine)
+    add_server_args(engine, DEFAULT_PORT + 1)
+    engine.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
+                        help="drive a remote worker instead of an in-process one")
+    engine.add_argument("--max-num-seqs", type=int, default=128)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    engine.add_argument("--max-model-len", type=int, default=None)
+    engine.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    engine.add_argument("--no-prefix-caching", action="store_true")
+
+    worker = roles.add_parser("worker", help="a worker: model weights, KV tensors, sampler")
+    add_model_args(worker)
+    add_server_args(worker, DEFAULT_PORT + 2)
+
+    tokenizer = roles.add_parser("tokenizer", help="the front door: text in, text out")
+    tokenizer.add_argument("--model", default=DEFAULT_MODEL, help="directory with tokenizer.json")
+    tokenizer.add_argument("--engine", action="append", default=[], metavar="HOST:PORT",
+                           help="an engine to forward to (repeatable; the least loaded one is chosen)")
+    add_server_args(tokenizer, DEFAULT_PORT)
+
+    up = roles.add_parser("up", help="every role on this machine, as child processes")
+    up.add_argument("--model", default=DEFAULT_MODEL)
+    up.add_argument("--port", type=int, default=DEFAULT_PORT, help="the tokenizer's public port")
+    up.add_argument("--device", default=os.environ.get("TESSERA_DEVICE", "cpu"))
+
+    generate = roles.add_parser("generate", help="stream a completion from a running tessera")
+    generate.add_argument("text")
+    generate.add_argument("--chat", action="store_true", help="send the text as a user message")
+    generate.add_argument("--address", default=f"localhost:{DEFAULT_PORT}")
+    generate.add_argument("--max-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--stop", action="append", default=[])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return COMMANDS[args.command](args) or 0
+
+
+def run_engine(args) -> None:
+    from tessera.engine.engine import EngineConfig
+    from tessera.engine.service import serve_engine
+
+    if len(args.worker) > 1:
+        sys.exit("tessera engine: one --worker for now (tensor parallelism across workers is not built yet)")
+    config = EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+    asyncio.run(serve_engine(config, args.port, worker_address=(args.worker or [None])[0], host=args.host,
+                             metrics_port=args.metrics_port, max_queue=args.max_queue, grace_seconds=args.grace))
+
+
+def run_worker(args) -> None:
+    from tessera.engine.worker import WorkerConfig
+    from tessera.engine.worker_service import serve_worker
+
+    config = WorkerConfig(args.model, args.dtype, args.device, args.block_size, args.kv_cache_memory)
+    asyncio.run(serve_worker(config, args.port, host=args.host, metrics_port=args.metrics_port))
+
+
+def run_tokenizer(args) -> None:
+    from tessera.tokenizer.service import serve_tokenizer
+
+    engines = args.engine or [f"localhost:{DEFAULT_PORT + 1}"]
+    asyncio.run(serve_tokenizer(args.model, engines, args.port, host=args.host, metrics_port=args.metrics_port,
+                                grace_seconds=args.grace))
+
+
+def run_up(args) -> int:
+    """Engine and tokenizer as children; Ctrl-C or SIGTERM stops them both, cleanly."""
+    engine_port = args.port + 1
+    base = [sys.executable, "-m", "tessera.cli"]
+    children = [
+        subprocess.Popen([*base, "engine", "--model", args.model, "--device", args.device, "--port", str(engine_port)]),
+        subprocess.Popen([*base, "tokenizer", "--model", args.model, "--engine", f"localhost:{engine_port}",
+                          "--port", str(args.port)]),
+    ]
+    print(f"tessera up: tokenizer on localhost:{args.port}, engine on localhost:{engine_port} (Ctrl-C stops)",
+          flush=True)
+
+    def stop(*_):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    codes = [child.wait() for child in children]
+    return next((code for code in codes if code not in (0, -signal.SIGTERM)), 0)
+
+
+def run_generate(args) -> int:
+    import grpc
+
+    from tessera.engine.v1 import engine_pb2
+    from tessera.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+    request = tokenizer_pb2.GenerateRequest(
+        sampling=engine_pb2.SamplingParams(temperature=args.temperature),
+        stopping=engine_pb2.StoppingParams(max_tokens=args.max_tokens, stop=args.stop),
+    )
+    if args.chat:
+        request.messages.add(role="user", content=args.text)
+    else:
+        request.text = args.text
+        print(args.text, end="", flush=True)
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            for response in tokenizer_pb2_grpc.TextGenerationStub(channel).Generate(request):
+                print(response.text, end="", flush=True)
+        except grpc.RpcError as error:
+            print(f"\ntessera generate: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    print()
+    return 0
+
+
+COMMANDS = {"engine": run_engine, "worker": run_worker, "tokenizer": run_tokenizer, "up": run_up,
+            "generate": run_generate}
+
+if __name__ == "__main__":
+    sys.exit(main())

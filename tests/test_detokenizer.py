@@ -66,8 +66,10 @@ def test_one_character_over_several_tokens_is_held_back_until_complete():
 
 def test_metaspace_leading_space_depends_on_context():
     # "▁" becomes a space except on the first token of the text: each delta must know what came before.
-    for name, tokens, expected in [("llama2", ["▁the", "▁quick", "▁brown", "▁fox"], ["the", " quick", " brown", " fox"]),
-                                   ("unigram", ["▁b", "▁f", "o", "▁b"], ["b", " f", "o", " b"])]:
+    for name, tokens, expected in [
+        ("llama2", ["▁the", "▁quick", "▁brown", "▁fox"], ["the", " quick", " brown", " fox"]),
+        ("unigram", ["▁b", "▁f", "o", "▁b"], ["b", " f", "o", " b"]),
+    ]:
         tok = tessera_tokenizer(name)
         ids = [tok.token_to_id(token) for token in tokens]
         assert stream(tok, ids, [1] * len(ids))[:-1] == expected

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from tessera.tokenizer.tokenizer import Tokenizer, TokenizerError
 from tiny_tokenizers import CHATML, CORPUS, TEXTS, TOOLS, hf_tokenizer, tessera_tokenizer, tokenizer_dirs
 
 NAMES = ["llama3", "qwen", "llama2", "unigram"]
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "tessera-demo"
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -123,3 +125,18 @@ def test_missing_or_corrupt_files_name_the_file(tmp_path):
         Tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "evil.Tok"}}))
     assert Tokenizer(tmp_path).encode("hi")  # remote code is never looked at, let alone run
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "tokenizer.json").is_file(), reason="the demo model is not checked out")
+def test_demo_model_tokenizer_matches_transformers():
+    from transformers import AutoTokenizer
+
+    ours, hf = Tokenizer(DEMO_MODEL), AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    for text in TEXTS + ["def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"]:
+        ids = ours.encode(text)
+        assert ids == hf.encode(text)
+        assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+    assert (ours.vocab_size, ours.all_special_ids, ours.special_tokens_map) == (len(hf), hf.all_special_ids,
+                                                                                 hf.special_tokens_map)
+    chat = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(chat) == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)

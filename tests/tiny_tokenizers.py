@@ -35,8 +35,9 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>"
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SP_SPECIALS = ["<unk>", "<s>", "</s>"]
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = ("{% for message in messages %}"
+          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 LLAMA3 = """{{- bos_token }}
 {% for message in messages %}
@@ -45,7 +46,8 @@ LLAMA3 = """{{- bos_token }}
 
 You are helpful.<|eot_id|>
     {% endif %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
+    {{- message['content'] | trim + '<|eot_id|>' }}
 {% endfor %}
 {% if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
@@ -155,7 +157,8 @@ def tokenizer_dirs() -> dict[str, Path]:
     token = {"__type": "AddedToken", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
     return {
         "llama3": _save(root, "llama3", llama3, {
-            "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+            "tokenizer_class": "PreTrainedTokenizerFast",
             "added_tokens_decoder": _added_tokens_decoder(llama3), "chat_template": LLAMA3,
             "clean_up_tokenization_spaces": True, "model_max_length": 8192},
             generation_config={"bos_token_id": 0, "eos_token_id": [1, 4]}),

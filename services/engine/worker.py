@@ -112,7 +112,12 @@ class Worker:
 
     def _sample(self, logits: torch.Tensor, sampling: list, result: StepResult) -> None:
         rows = [
-            SamplingRow(state.params, state.token_ids[: state.num_prompt_tokens], state.token_ids[state.num_prompt_tokens :])
+            SamplingRow(
+                state.params,
+                # Only the repetition penalty reads the prompt: spare the copy otherwise.
+                state.token_ids[: state.num_prompt_tokens] if state.params.repetition_penalty != 1.0 else (),
+                state.token_ids[state.num_prompt_tokens :],
+            )
             for _, state in sampling
         ]
         out = self.sampler(logits, rows)

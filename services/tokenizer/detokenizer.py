@@ -11,8 +11,9 @@ we decode a small sliding window instead (the idea vLLM and TGI use):
 
 Both decodes start at the same token, so whatever the decoder does to the first token of a window happens to
 both and cancels out; the new tokens come out exactly as they do in the full decode. While the text ends in
-U+FFFD (a character whose bytes have not all arrived) we emit nothing and keep collecting. After each emit
-the window slides forward (prefix := read, read := end), so a step costs O(window), not O(text so far).
+U+FFFD (a character whose bytes have not all arrived), or in a run of SentencePiece byte-fallback tokens
+(<0xE6>: such a run decodes as one group), we emit nothing and keep collecting. After each emit the window
+slides forward (prefix := read, read := end), so a step costs O(window), not O(text so far).
 
 Contract: the deltas of `push` plus `flush` concatenate to `tokenizer.decode_raw(generated_ids,
 skip_special_tokens)`, which is `tokenizer.decode(...)` for every tokenizer without `clean_up_tokenization_spaces`
@@ -31,15 +32,15 @@ REPLACEMENT_CHAR = "\ufffd"
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int] = (), skip_special_tokens: bool = True):
-        # The prompt is not decoded (see the contract above); it is taken so that callers hand over the whole
-        # request, and kept only as a count for them.
+        # The prompt is not decoded (see the contract above): the signature takes it so that a caller can hand
+        # over the request as vLLM's does, and it is kept only as a count.
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_generated_tokens = 0
         self._window: list[int] = []  # generated ids from the prefix offset on; older ids are dropped
         self._read = 0                # window index of the first id whose text has not been emitted yet
-        self._emitted_text_of_prefix = ""  # decode(window[:read]), the context text
+        self._context_text = ""       # decode(window[:read]): text already emitted, decoded again as context
 
     def push(self, new_token_ids: Iterable[int]) -> str:
         """Add newly generated ids; return the text they complete (possibly "")."""
@@ -49,23 +50,22 @@ class IncrementalDetokenizer:
         if self._ends_in_byte_run():
             return ""
         text = self._decode(self._window)
-        if text.endswith(REPLACEMENT_CHAR) or len(text) <= len(self._emitted_text_of_prefix):
+        if text.endswith(REPLACEMENT_CHAR) or len(text) <= len(self._context_text):
             # An unfinished character, or nothing new yet (e.g. a skipped special token): wait, keeping the
             # window where it is so the context for the next token stays right.
             return ""
-        delta = text[len(self._emitted_text_of_prefix):]
-        self._window = self._window[self._read:]
-        self._read = len(self._window)
-        self._emitted_text_of_prefix = self._decode(self._window)
-        return delta
+        return self._emit(text)
 
     def flush(self) -> str:
         """The text still held back at the end of the stream (a trailing U+FFFD stays as decode gives it)."""
-        text = self._decode(self._window)
-        delta = text[len(self._emitted_text_of_prefix):]
+        return self._emit(self._decode(self._window))
+
+    def _emit(self, text: str) -> str:
+        # Slide: the ids just emitted become the next context, the old context is dropped.
+        delta = text[len(self._context_text):]
         self._window = self._window[self._read:]
         self._read = len(self._window)
-        self._emitted_text_of_prefix = self._decode(self._window)
+        self._context_text = self._decode(self._window)
         return delta
 
     def _ends_in_byte_run(self) -> bool:

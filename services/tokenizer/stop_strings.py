@@ -39,9 +39,16 @@ class StopStringMatcher:
         return pending[:hold_from], None
 
     def flush(self) -> str:
-        """At the end of the stream a partial stop string can no longer complete: emit what was held back."""
-        rest, self._pending = self._pending, ""
-        return rest
+        """At the end of the stream nothing held back can grow into an earlier match any more: emit it, cut at
+        a stop string it already contains (then `matched` says which)."""
+        pending, self._pending = self._pending, ""
+        if self.matched is not None or not pending:
+            return ""
+        match_start, match = _first_match(pending, self.stop)
+        if match is None:
+            return pending
+        self.matched = match
+        return pending[:match_start] + (match if self.include_stop_str_in_output else "")
 
 
 def _first_match(text: str, stops: Sequence[str]) -> tuple[int, str | None]:

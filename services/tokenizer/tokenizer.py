@@ -44,6 +44,10 @@ class Tokenizer:
     def __init__(self, model_dir: str | Path):
         self.path = Path(model_dir)
         self.backend = _load_backend(self.path / "tokenizer.json")
+        # A tokenizer.json may carry truncation or padding settings; transformers turns them off unless asked,
+        # and a prompt must never be cut short silently.
+        self.backend.no_truncation()
+        self.backend.no_padding()
         config = _read_json(self.path / "tokenizer_config.json")
         if "added_tokens_decoder" not in config:
             # Legacy checkpoints keep the special tokens in special_tokens_map.json, which wins over the config.
@@ -81,7 +85,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_with_offsets(self, text: str,
+                            add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and, for each, the (start, end) character span of `text` it came from ((0, 0) for added BOS/EOS)."""
         encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
         return encoding.ids, [tuple(span) for span in encoding.offsets]
@@ -117,7 +122,8 @@ class Tokenizer:
         the template already writes BOS where the model wants it."""
         from .chat_template import ChatTemplateError, render_chat
 
-        name = template_name or ("tool_use" if extra.get("tools") and "tool_use" in self.chat_templates else "default")
+        tools = extra.get("tools") is not None
+        name = template_name or ("tool_use" if tools and "tool_use" in self.chat_templates else "default")
         template = self.chat_templates.get(name)
         if template is None:
             known = ", ".join(sorted(self.chat_templates)) or "none"
@@ -198,7 +204,8 @@ def _added_token(value: Any, special: bool | None = None) -> AddedToken:
         if special is not None:
             fields["special"] = special
         return AddedToken(value["content"], **fields)
-    raise TokenizerError(f"tokenizer_config.json: a token must be a string or an AddedToken object, got {value!r}")
+    raise TokenizerError("tokenizer_config.json / special_tokens_map.json: a token must be a string or an "
+                         f"AddedToken object, got {value!r}")
 
 
 def _added_tokens_decoder(config: dict) -> dict[int, AddedToken]:
@@ -214,15 +221,20 @@ def _special_tokens(config: dict) -> tuple[dict[str, AddedToken], list[AddedToke
     by_content = {tok.content: tok for tok in _added_tokens_decoder(config).values()}
 
     def special(value: Any) -> AddedToken:
-        tok = by_content.get(value, None) if isinstance(value, str) else None
-        tok = _added_token(value, special=True) if tok is None else tok
-        return tok if tok.special else _added_token({"content": tok.content, "single_word": tok.single_word,
-                                                     "lstrip": tok.lstrip, "rstrip": tok.rstrip,
-                                                     "normalized": tok.normalized}, special=True)
+        # A string names a token whose properties the added_tokens_decoder may hold; either way it is special.
+        tok = by_content.get(value) if isinstance(value, str) else None
+        if tok is None:
+            return _added_token(value, special=True)
+        return tok if tok.special else AddedToken(tok.content, single_word=tok.single_word, lstrip=tok.lstrip,
+                                                  rstrip=tok.rstrip, normalized=tok.normalized, special=True)
+
+    def is_token(value: Any) -> bool:
+        return isinstance(value, str) or isinstance(value, dict) and isinstance(value.get("content"), str)
 
     named = {key: special(config[key]) for key in NAMED_SPECIAL_TOKENS if config.get(key) is not None}
-    named.update({key: special(value) for key, value in config.items() if key.endswith("_token") and key not in named
-                  and (isinstance(value, str) or isinstance(value, dict) and value.get("__type") == "AddedToken")})
+    # Model-specific ones too, e.g. "image_token": "<image>", as transformers 5 does.
+    named.update({key: special(value) for key, value in config.items()
+                  if key.endswith("_token") and key not in named and is_token(value)})
     listed = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
     if isinstance(listed, dict):
         named.update({key: special(value) for key, value in listed.items()})

@@ -1,0 +1,151 @@
+"""The engine's side of tessera.worker.v1.Worker: a WorkerClient that runs each step on a worker process.
+
+Steps travel on one long-lived Execute stream, one plan out and one result back. The worker keeps request
+state only as long as its stream, so a broken stream fails the step (the engine loop then aborts every
+request and drops its prefix cache) and the next step opens a fresh stream on a fresh channel.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tessera.engine.model_config import parse_dtype
+from tessera.engine.step import StepPlan, StepResult
+from tessera.engine.worker_protocol import SERVICE_NAME, plan_to_proto, result_from_proto
+from tessera.serving import CHANNEL_OPTIONS, RpcError
+from tessera.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("tessera.engine")
+
+CHANNEL = [
+    *CHANNEL_OPTIONS,
+    # Our own connection, so a new channel dials at once instead of inheriting a shared reconnect backoff;
+    # and a short backoff, so a worker that is still starting is found soon after it listens.
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+class WorkerUnavailable(RpcError):
+    """The worker cannot be reached, or its stream broke; clients of the engine see UNAVAILABLE."""
+
+    def __init__(self, address: str, detail: str):
+        super().__init__(grpc.StatusCode.UNAVAILABLE, f"worker at {address} is unavailable: {detail}")
+        self.address = address
+
+
+@dataclass
+class RemoteModelConfig:
+    """The part of ModelConfig the engine reads, from Describe: the engine host needs no checkpoint."""
+
+    model_dir: Path
+    architecture: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+    dtype: torch.dtype
+    kv_bytes_per_token: int
+
+    @classmethod
+    def from_describe(cls, info: worker_pb2.DescribeResponse) -> RemoteModelConfig:
+        return cls(Path(info.model_path), info.architecture, info.vocab_size, info.max_model_len,
+                   list(info.eos_token_ids), parse_dtype(info.dtype), info.kv_bytes_per_token)
+
+
+class RemoteWorker:
+    def __init__(self, address: str, connect_timeout: float = 300.0):
+        """Waits (up to connect_timeout: a worker may be loading a large model) until the worker is SERVING."""
+        self.address = address
+        self._channel = self._stub = None
+        self._stream = None  # (request queue, response iterator) of the open Execute stream
+        self._connect()
+        self._wait_until_serving(connect_timeout)
+        self.info = self._describe()
+        self.model_config = RemoteModelConfig.from_describe(self.info)
+        self.num_blocks = self.info.num_blocks
+        self.block_size = self.info.block_size
+        self.device = self.info.device
+        self.attention_backend = self.info.attention_backend
+        log.info("worker at %s: %s on %s, %d KV blocks x %d tokens", address, self.info.model_path, self.device,
+                 self.num_blocks, self.block_size)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        if self._stream is None:
+            self._open_stream()
+        requests, responses = self._stream
+        requests.put(worker_pb2.ExecuteRequest(plan=plan_to_proto(plan)))
+        try:
+            response = next(responses)
+        except grpc.RpcError as error:
+            self.close()
+            if error.code() is grpc.StatusCode.INTERNAL:  # the worker is up but failed the step: say so
+                raise RpcError(error.code(), f"worker at {self.address} failed a step: {error.details()}") from None
+            raise WorkerUnavailable(self.address, f"{error.code().name}: {error.details()}") from None
+        except StopIteration:
+            self.close()
+            raise WorkerUnavailable(self.address, "it ended the stream") from None
+        return result_from_proto(response.result)
+
+    def close(self) -> None:
+        """Ends the stream and the channel; a later execute() would connect again."""
+        if self._stream is not None:
+            requests, responses = self._stream
+            requests.put(None)  # ends the request iterator, so gRPC's sending thread exits
+            responses.cancel()
+            self._stream = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    # -- connection -------------------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._channel = grpc.insecure_channel(self.address, options=CHANNEL)
+        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+
+    def _wait_until_serving(self, timeout: float) -> None:
+        health = health_pb2_grpc.HealthStub(self._channel)
+        check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                remaining = max(deadline - time.monotonic(), 0.1)
+                status = health.Check(check, timeout=remaining, wait_for_ready=True).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as error:
+                last = f"{error.code().name}: {error.details()}"
+            if time.monotonic() >= deadline:
+                raise WorkerUnavailable(self.address, f"not SERVING after {timeout:.0f} s (last: {last})")
+            time.sleep(0.2)
+
+    def _describe(self) -> worker_pb2.DescribeResponse:
+        try:
+            return self._stub.Describe(worker_pb2.DescribeRequest(), timeout=30)
+        except grpc.RpcError as error:
+            raise WorkerUnavailable(self.address, f"Describe: {error.code().name}: {error.details()}") from None
+
+    def _open_stream(self) -> None:
+        if self._channel is None:  # after a failure: dial again, and make sure it is the worker we sized for
+            self._connect()
+            info = self._describe()
+            if _shape(info) != _shape(self.info):
+                self.close()
+                raise WorkerUnavailable(self.address, f"it came back as {_shape(info)}, not {_shape(self.info)} "
+                                        "(model, vocab, KV blocks, block size); restart the engine")
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._stream = (requests, self._stub.Execute(iter(requests.get, None)))  # None ends the stream
+
+
+def _shape(info: worker_pb2.DescribeResponse) -> tuple:
+    """What the engine sized itself by: it cannot switch to a worker that differs in any of these."""
+    return info.model_path, info.vocab_size, info.num_blocks, info.block_size

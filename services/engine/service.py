@@ -1,0 +1,178 @@
+"""tessera.engine.v1.Engine over grpc.aio, in front of an EngineLoop running on its own thread.
+
+Each Generate call gets an asyncio queue; the engine thread hops each output onto the event loop, so the loop
+never blocks on a step and a slow stream only delays itself. Leaving the stream for any reason (done,
+cancelled, deadline, error) aborts whatever is still running, which frees its KV blocks within one step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import replace
+
+import grpc
+
+from tessera.engine.convert import engine_params_from_request, output_to_proto
+from tessera.engine.engine import LLMEngine
+from tessera.engine.engine_loop import EngineLoop
+from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
+from tessera.metrics import TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN
+from tessera.serving import RpcError, request_id_from, rpc_method
+
+log = logging.getLogger("tessera.engine")
+
+SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
+
+
+class EngineService(engine_pb2_grpc.EngineServicer):
+    def __init__(self, max_queue: int = 256, model_name: str = ""):
+        self.loop: EngineLoop | None = None  # set once the model is loaded
+        self.max_queue = max_queue
+        self.model_name = model_name
+        self.samples: dict[str, list[str]] = {}  # client request id -> engine request ids of its samples
+
+    def attach(self, engine_loop: EngineLoop) -> None:
+        self.loop = engine_loop
+
+    @property
+    def engine(self) -> LLMEngine:
+        if self.loop is None:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the engine is still loading its model")
+        return self.loop.engine
+
+    @rpc_method
+    async def Generate(self, request, context):
+        engine = self.engine
+        request_id = request_id_from(context, request.request_id) or uuid.uuid4().hex
+        if request_id in self.samples:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already running")
+        params = engine_params_from_request(request, engine.max_model_len)
+        prompt = list(request.prompt_token_ids)
+        engine.validate(prompt, params)
+        n = max(request.n, 1)
+        capacity = engine.config.max_num_seqs + self.max_queue
+        if self.loop.num_unfinished() + n > capacity:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({self.max_queue} waiting); retry later")
+
+        outputs: asyncio.Queue = asyncio.Queue()
+        event_loop = asyncio.get_running_loop()
+        ids = [request_id] if n == 1 else [f"{request_id}/{i}" for i in range(n)]
+        self.samples[request_id] = ids
+        unfinished = set(range(n))
+        try:
+            for index, engine_id in enumerate(ids):
+                # Sample i of a seeded request uses seed + i, so the n samples differ but stay reproducible.
+                sample_params = params if params.seed is None else replace(params, seed=params.seed + index)
+                sink = lambda out, index=index: event_loop.call_soon_threadsafe(outputs.put_nowait, (index, out))
+                self.loop.submit(prompt, sample_params, sink, engine_id, request.priority)
+            start = last = time.perf_counter()
+            first = True
+            while unfinished:
+                index, out = await outputs.get()
+                if isinstance(out, BaseException):
+                    raise RpcError(grpc.StatusCode.UNAVAILABLE, f"the worker failed: {out}")
+                now = time.perf_counter()
+                if out.new_token_ids:
+                    (TIME_TO_FIRST_TOKEN.observe(now - start) if first else TIME_PER_OUTPUT_TOKEN.observe(now - last))
+                    first, last = False, now
+                if out.finished:
+                    unfinished.discard(index)
+                yield output_to_proto(request_id, index, out)
+        finally:
+            for index in unfinished:
+                self.loop.abort(ids[index])
+            del self.samples[request_id]
+
+    @rpc_method
+    async def Abort(self, request, context):
+        aborted = 0
+        for request_id in request.request_ids:
+            ids = self.samples.get(request_id)
+            if ids:
+                for engine_id in ids:
+                    self.loop.abort(engine_id)
+                aborted += 1
+        return engine_pb2.AbortResponse(num_aborted=aborted)
+
+    @rpc_method
+    async def GetModelInfo(self, request, context):
+        engine = self.engine
+        mc, cfg = engine.model_config, engine.config
+        return engine_pb2.GetModelInfoResponse(
+            model_name=self.model_name,
+            model_path=str(cfg.model),
+            architecture=mc.architecture,
+            max_model_len=engine.max_model_len,
+            vocab_size=mc.vocab_size,
+            eos_token_ids=mc.eos_token_ids,
+            dtype=str(mc.dtype).removeprefix("torch."),
+            device=str(getattr(engine.worker, "device", cfg.device)),
+            block_size=engine.kv.block_size,
+            kv_blocks_total=engine.kv.num_blocks,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_logprobs=cfg.max_logprobs,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+        )
+
+    @rpc_method
+    async def GetLoad(self, request, context):
+        stats = self.engine.stats()
+        return engine_pb2.GetLoadResponse(
+            num_running=stats["num_running"],
+            num_waiting=stats["num_waiting"],
+            kv_blocks_in_use=stats["kv_blocks_in_use"],
+            kv_blocks_total=stats["kv_blocks_total"],
+            prefix_cache_hit_rate=stats["prefix_cache_hit_rate"],
+            num_preemptions=stats["num_preemptions"],
+        )
+
+
+def build_engine(config, worker_address: str | None = None) -> LLMEngine:
+    if worker_address is None:
+        return LLMEngine(config)
+    from tessera.engine.remote_worker import RemoteWorker
+
+    return LLMEngine(config, worker=RemoteWorker(worker_address))
+
+
+def warm_up(engine: LLMEngine) -> None:
+    """One short request through every stage, so the first client does not pay for lazy initialisation."""
+    from tessera.engine.kv_cache_manager import PrefixCacheStats
+    from tessera.engine.sampling_params import SamplingParams
+
+    engine.generate([[0] * 8], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    engine.kv.reset_prefix_cache()
+    engine.kv.stats = PrefixCacheStats()
+
+
+async def serve_engine(config, port: int, *, worker_address: str | None = None, host: str = "[::]",
+                       metrics_port: int | None = None, max_queue: int = 256, model_name: str | None = None,
+                       grace_seconds: float = 30.0) -> None:
+    from pathlib import Path
+
+    from tessera.metrics import serve_metrics
+    from tessera.serving import Server
+
+    server = Server(port, host, grace_seconds)
+    service = EngineService(max_queue, model_name or Path(config.model).name)
+    engine_pb2_grpc.add_EngineServicer_to_server(service, server.grpc)
+    server.add_services([SERVICE_NAME])
+    bound = await server.start()
+    log.info("engine on port %d (NOT_SERVING while loading); loading %s", bound, config.model)
+    started = time.perf_counter()
+    engine = await asyncio.to_thread(build_engine, config, worker_address)
+    log.info("model loaded in %.1f s; warming up", time.perf_counter() - started)
+    await asyncio.to_thread(warm_up, engine)
+    engine_loop = EngineLoop(engine)
+    service.attach(engine_loop)
+    if metrics_port:
+        serve_metrics(metrics_port, engine.stats)
+    await server.set_serving(True)
+    log.info("engine ready on port %d (%.1f s)", bound, time.perf_counter() - started)
+    try:
+        await server.serve_until_signalled()
+    finally:
+        engine_loop.shutdown()

@@ -1,0 +1,140 @@
+"""Conversions between the step dataclasses (step.py) and the tessera.worker.v1 messages, field by field.
+
+Round trips are exact for everything the engine and the worker exchange. Floats travel as float32: the worker
+computes every logprob in float32, so logprobs arrive bit for bit; sampling parameters arrive rounded to
+float32, which changes nothing because the sampler turns them into float32 tensors anyway.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+
+from tessera.engine.sampling_params import SamplingParams
+from tessera.engine.step import NewRequest, StepPlan, StepResult, TokenLogprobs
+from tessera.worker.v1 import worker_pb2 as pb
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Worker"].full_name  # "tessera.worker.v1.Worker"
+
+_PARAM_FIELDS = [f.name for f in fields(SamplingParams)]
+_OPTIONAL_PARAMS = ("seed", "logprobs", "prompt_logprobs")  # proto3 `optional`: unset is None
+
+
+# -- sampling parameters ----------------------------------------------------------------------------------
+
+def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    # The message has the dataclass's field names; None leaves an optional field unset.
+    return pb.SamplingParams(**{name: getattr(params, name) for name in _PARAM_FIELDS})
+
+
+def params_from_proto(message: pb.SamplingParams) -> SamplingParams:
+    values = {name: getattr(message, name) for name in _PARAM_FIELDS}
+    for name in _OPTIONAL_PARAMS:
+        if not message.HasField(name):
+            values[name] = None
+    values["logit_bias"] = dict(message.logit_bias)
+    values["stop_token_ids"] = list(message.stop_token_ids)
+    return SamplingParams(**values)
+
+
+# -- step plan --------------------------------------------------------------------------------------------
+
+def plan_to_proto(plan: StepPlan) -> pb.StepPlan:
+    return pb.StepPlan(
+        new_requests=[
+            pb.NewRequest(
+                request_id=new.request_id,
+                token_ids=new.token_ids,
+                num_prompt_tokens=new.num_prompt_tokens,
+                params=params_to_proto(new.params),
+                block_ids=new.block_ids,
+                num_computed_tokens=new.num_computed_tokens,
+            )
+            for new in plan.new_requests
+        ],
+        new_block_ids=[pb.RequestBlockIds(request_id=r, block_ids=b) for r, b in plan.new_block_ids.items()],
+        # Repeated, not a map: the order is the engine's, and the worker's batch layout follows it.
+        num_scheduled_tokens=[pb.ScheduledTokens(request_id=r, num_tokens=n) for r, n in plan.num_scheduled_tokens.items()],
+        finished_request_ids=plan.finished_request_ids,
+    )
+
+
+def plan_from_proto(message: pb.StepPlan) -> StepPlan:
+    return StepPlan(
+        new_requests=[
+            NewRequest(
+                request_id=new.request_id,
+                token_ids=list(new.token_ids),
+                num_prompt_tokens=new.num_prompt_tokens,
+                params=params_from_proto(new.params),
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+            )
+            for new in message.new_requests
+        ],
+        new_block_ids={entry.request_id: list(entry.block_ids) for entry in message.new_block_ids},
+        num_scheduled_tokens={entry.request_id: entry.num_tokens for entry in message.num_scheduled_tokens},
+        finished_request_ids=list(message.finished_request_ids),
+    )
+
+
+# -- step result ------------------------------------------------------------------------------------------
+
+def _logprobs_to_proto(entry: TokenLogprobs) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=entry.token_id,
+        logprob=entry.logprob,
+        top_logprobs=[pb.TopLogprob(token_id=t, logprob=v) for t, v in entry.top],
+    )
+
+
+def _logprobs_from_proto(message: pb.TokenLogprob) -> TokenLogprobs:
+    return TokenLogprobs(message.token_id, message.logprob, [(t.token_id, t.logprob) for t in message.top_logprobs])
+
+
+def result_to_proto(result: StepResult) -> pb.StepResult:
+    # A sampled token carries its logprobs (the worker only reports logprobs for tokens it sampled).
+    return pb.StepResult(
+        sampled=[
+            pb.SampledToken(
+                request_id=request_id,
+                token_id=token_id,
+                logprob=_logprobs_to_proto(result.logprobs[request_id]) if request_id in result.logprobs else None,
+            )
+            for request_id, token_id in result.sampled_token_ids.items()
+        ],
+        prompt_logprobs=[
+            pb.PromptLogprobs(request_id=request_id, logprobs=[_logprobs_to_proto(e) for e in entries])
+            for request_id, entries in result.prompt_logprobs.items()
+        ],
+    )
+
+
+def result_from_proto(message: pb.StepResult) -> StepResult:
+    result = StepResult()
+    for sampled in message.sampled:
+        result.sampled_token_ids[sampled.request_id] = sampled.token_id
+        if sampled.HasField("logprob"):
+            result.logprobs[sampled.request_id] = _logprobs_from_proto(sampled.logprob)
+    for entry in message.prompt_logprobs:
+        result.prompt_logprobs[entry.request_id] = [_logprobs_from_proto(e) for e in entry.logprobs]
+    return result
+
+
+# -- describe ---------------------------------------------------------------------------------------------
+
+def describe(worker) -> pb.DescribeResponse:
+    """The loaded model and the KV cache of an in-process Worker."""
+    mc = worker.model_config
+    return pb.DescribeResponse(
+        model_path=str(mc.model_dir),
+        architecture=mc.architecture,
+        vocab_size=mc.vocab_size,
+        max_model_len=mc.max_model_len,
+        eos_token_ids=mc.eos_token_ids,
+        dtype=str(mc.dtype).removeprefix("torch."),
+        device=str(worker.device),
+        attention_backend=worker.attn_backend.name,
+        num_blocks=worker.num_blocks,
+        block_size=worker.block_size,
+        kv_bytes_per_token=mc.kv_bytes_per_token,
+        kv_cache_bytes=worker.num_blocks * worker.block_size * mc.kv_bytes_per_token,
+    )

@@ -1,0 +1,87 @@
+"""tessera.worker.v1.Worker over grpc.aio: a Worker in its own process, driven by one engine.
+
+Steps run on one dedicated thread, so the event loop stays free for health checks, and a step still running
+for a stream that just went away finishes before the next stream's first step (or its reset) can start.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from tessera.engine.worker import Worker, WorkerConfig
+from tessera.engine.worker_protocol import SERVICE_NAME, describe, plan_from_proto, result_to_proto
+from tessera.metrics import serve_metrics
+from tessera.serving import RpcError, Server, rpc_method
+from tessera.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("tessera.worker")
+
+# On SIGTERM there is no point in waiting for the engine's stream: it never ends by itself, and the engine
+# fails its requests once the worker goes, whenever that is.
+GRACE_SECONDS = 2.0
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, worker: Worker | None = None):
+        self.worker = worker  # None while the model loads
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tessera-worker")
+        self._engine_connected = False
+
+    def _ready(self) -> Worker:
+        if self.worker is None:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the worker is still loading its model")
+        return self.worker
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @rpc_method
+    async def Execute(self, request_iterator, context):
+        worker = self._ready()
+        if self._engine_connected:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                           "another engine is driving this worker (one Execute stream at a time)")
+        self._engine_connected = True
+        try:
+            # A new stream is a new engine connection: whatever the last one left running is gone.
+            await self._run(worker.requests.clear)
+            async for request in request_iterator:
+                result = await self._run(worker.execute, plan_from_proto(request.plan))
+                yield worker_pb2.ExecuteResponse(result=result_to_proto(result))
+        finally:
+            self._engine_connected = False
+
+    @rpc_method
+    async def Describe(self, request, context):
+        return describe(self._ready())
+
+
+async def start_worker_server(config: WorkerConfig, port: int = 0, host: str = "[::]",
+                              grace_seconds: float = GRACE_SECONDS) -> tuple[Server, int]:
+    """Binds (health NOT_SERVING), loads the model off the event loop, turns SERVING; returns the bound port."""
+    server = Server(port, host, grace_seconds)
+    service = WorkerService()
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server.grpc)
+    server.add_services([SERVICE_NAME])
+    port = await server.start()
+    log.info("worker on port %d (NOT_SERVING while loading); loading %s", port, config.model)
+    try:
+        service.worker = await asyncio.to_thread(Worker, config)
+    except BaseException:
+        await server.grpc.stop(0)
+        raise
+    await server.set_serving(True)
+    log.info("worker ready on port %d", port)
+    return server, port
+
+
+async def serve_worker(config: WorkerConfig, port: int, host: str = "[::]", metrics_port: int | None = None,
+                       grace_seconds: float = GRACE_SECONDS) -> None:
+    """`tessera worker`: serves until SIGTERM or SIGINT."""
+    if metrics_port is not None:
+        serve_metrics(metrics_port)
+    server, _ = await start_worker_server(config, port, host, grace_seconds)
+    await server.serve_until_signalled()

@@ -1,0 +1,43 @@
+"""Prometheus metrics, served on --metrics-port. Engine gauges are read at scrape time, so steps pay nothing."""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+
+REQUESTS = Counter("tessera_requests", "Finished RPCs by method and gRPC status code", ["method", "code"])
+TIME_TO_FIRST_TOKEN = Histogram(
+    "tessera_time_to_first_token_seconds", "From request arrival to its first generated token",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "tessera_time_per_output_token_seconds", "Between consecutive generated tokens of one request",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+GAUGES = {
+    "num_running": "Requests running in the current step set",
+    "num_waiting": "Requests queued, not yet admitted (the queue length)",
+    "kv_blocks_in_use": "KV blocks held by live requests",
+    "kv_blocks_total": "KV blocks in the cache",
+    "prefix_cache_hit_rate": "Prompt tokens found in the prefix cache / prompt tokens looked up",
+    "num_preemptions": "Requests preempted since start",
+}
+
+
+class StatsCollector:
+    def __init__(self, stats: Callable[[], dict[str, float]]):
+        self.stats = stats
+
+    def collect(self):
+        values = self.stats()
+        for name, help_text in GAUGES.items():
+            if name in values:
+                yield GaugeMetricFamily(f"tessera_{name}", help_text, value=values[name])
+
+
+def serve_metrics(port: int, stats: Callable[[], dict[str, float]] | None = None) -> None:
+    if stats is not None:
+        REGISTRY.register(StatsCollector(stats))
+    start_http_server(port)

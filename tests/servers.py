@@ -1,0 +1,65 @@
+"""Real tessera servers as subprocesses on loopback, for integration tests."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"server at {address} exited with {process.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"{address} did not become SERVING in {timeout} s")
+
+
+class ServerProcess:
+    """`tessera <role> ... --port P` as a child process, SERVING on entry, SIGTERMed on exit."""
+
+    def __init__(self, role: str, *args: str, port: int | None = None):
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "tessera.cli", "--log-level", "WARNING", role, *args,
+                        "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        self.process = subprocess.Popen(self.command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wait_serving(self.address, process=self.process)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

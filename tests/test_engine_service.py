@@ -1,0 +1,198 @@
+"""tessera.engine.v1.Engine as a real server process on loopback."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from servers import ServerProcess, free_port
+from tessera.engine.engine import EngineConfig, LLMEngine
+from tessera.engine.sampling_params import SamplingParams
+from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
+from tiny_checkpoints import preset_checkpoint
+
+PROMPT = [5, 17, 33, 80, 101, 7, 64, 200, 13, 9]
+
+
+def greedy(max_tokens=16, **fields):
+    return engine_pb2.GenerateRequest(
+        prompt_token_ids=PROMPT,
+        sampling=engine_pb2.SamplingParams(temperature=0.0),
+        stopping=engine_pb2.StoppingParams(max_tokens=max_tokens, ignore_eos=True),
+        **fields,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return preset_checkpoint(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def engine_server(model_dir):
+    metrics_port = free_port()
+    with ServerProcess("engine", "--model", str(model_dir), "--block-size", "4", "--kv-cache-memory", "4MiB",
+                       "--metrics-port", str(metrics_port)) as server:
+        server.metrics_port = metrics_port
+        yield server
+
+
+@pytest.fixture
+def stub(engine_server):
+    with grpc.insecure_channel(engine_server.address) as channel:
+        yield engine_pb2_grpc.EngineStub(channel)
+
+
+def wait_idle(stub, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        load = stub.GetLoad(engine_pb2.GetLoadRequest())
+        if load.kv_blocks_in_use == 0 and load.num_running == 0 and load.num_waiting == 0:
+            return load
+        time.sleep(0.02)
+    raise AssertionError(f"engine still busy: {load}")
+
+
+def test_streamed_tokens_equal_the_in_process_engine(stub, model_dir):
+    expected = LLMEngine(EngineConfig(model=str(model_dir), block_size=4)).generate(
+        [PROMPT], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2))[0]
+    responses = list(stub.Generate(greedy(output=engine_pb2.OutputOptions(logprobs=2))))
+    assert [t for r in responses for t in r.token_ids] == expected.token_ids
+    assert len(responses) == 16  # one response per step: really streamed
+    assert [lp.logprob for r in responses for lp in r.logprobs] == pytest.approx(
+        [lp.logprob for lp in expected.logprobs], abs=1e-5)
+    last = responses[-1]
+    assert last.finish_reason == engine_pb2.FINISH_REASON_LENGTH
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(PROMPT), 16)
+    assert all(r.finish_reason == engine_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+
+
+def test_n_samples_are_multiplexed_by_index(stub):
+    request = engine_pb2.GenerateRequest(
+        prompt_token_ids=PROMPT, n=3,
+        sampling=engine_pb2.SamplingParams(temperature=1.0, seed=7),
+        stopping=engine_pb2.StoppingParams(max_tokens=8, ignore_eos=True),
+    )
+    samples = {}
+    for response in stub.Generate(request):
+        samples.setdefault(response.index, []).extend(response.token_ids)
+    assert sorted(samples) == [0, 1, 2] and all(len(s) == 8 for s in samples.values())
+    again = {}
+    for response in stub.Generate(request):
+        again.setdefault(response.index, []).extend(response.token_ids)
+    assert again == samples  # seeded: reproducible
+    assert len({tuple(s) for s in samples.values()}) > 1  # seed + index: the samples differ
+
+
+def test_request_id_comes_from_the_field_or_metadata(stub):
+    assert next(stub.Generate(greedy(max_tokens=1, request_id="abc"))).request_id == "abc"
+    response = next(stub.Generate(greedy(max_tokens=1), metadata=[("x-request-id", "from-metadata")]))
+    assert response.request_id == "from-metadata"
+
+
+@pytest.mark.parametrize("mutate, code, field", [
+    (lambda r: r.ClearField("prompt_token_ids"), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
+    (lambda r: r.prompt_token_ids.append(256), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
+    (lambda r: r.prompt_token_ids.extend([1] * 300), grpc.StatusCode.OUT_OF_RANGE, "prompt_token_ids"),
+    (lambda r: setattr(r.sampling, "temperature", -0.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+    (lambda r: setattr(r.sampling, "top_p", 1.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+    (lambda r: setattr(r.sampling, "top_p", 0.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+    (lambda r: setattr(r.sampling, "top_k", -2), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_k"),
+    (lambda r: setattr(r.sampling, "min_p", 2.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.min_p"),
+    (lambda r: r.sampling.logit_bias.update({999: 1.0}), grpc.StatusCode.INVALID_ARGUMENT, "sampling.logit_bias"),
+    (lambda r: setattr(r.stopping, "max_tokens", 0), grpc.StatusCode.INVALID_ARGUMENT, "stopping.max_tokens"),
+    (lambda r: setattr(r.stopping, "max_tokens", 10_000), grpc.StatusCode.INVALID_ARGUMENT, "stopping.max_tokens"),
+    (lambda r: r.stopping.stop.append("\n"), grpc.StatusCode.INVALID_ARGUMENT, "stopping.stop"),
+    (lambda r: setattr(r.output, "logprobs", 50), grpc.StatusCode.INVALID_ARGUMENT, "output.logprobs"),
+])
+def test_bad_input_gets_a_status_naming_the_field(stub, mutate, code, field):
+    request = greedy()
+    mutate(request)
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Generate(request))
+    assert error.value.code() == code
+    assert error.value.details().startswith(field)
+    assert [t for r in stub.Generate(greedy(max_tokens=2)) for t in r.token_ids]  # still serving
+
+
+def test_cancel_frees_the_blocks_within_a_step(stub):
+    call = stub.Generate(greedy(max_tokens=200))
+    next(call), next(call)
+    assert stub.GetLoad(engine_pb2.GetLoadRequest()).kv_blocks_in_use > 0
+    call.cancel()
+    wait_idle(stub, timeout=5)
+
+
+def test_deadline_aborts_and_frees_the_blocks(stub):
+    with pytest.raises(grpc.RpcError) as error:
+        for _ in stub.Generate(greedy(max_tokens=230), timeout=0.3):
+            pass
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_idle(stub, timeout=5)
+
+
+def test_abort_rpc_ends_the_stream_with_finish_reason_abort(stub):
+    call = stub.Generate(greedy(max_tokens=200, request_id="to-abort"))
+    next(call)
+    assert stub.Abort(engine_pb2.AbortRequest(request_ids=["to-abort", "unknown"])).num_aborted == 1
+    last = list(call)[-1]
+    assert last.finish_reason == engine_pb2.FINISH_REASON_ABORT
+    wait_idle(stub)
+
+
+def test_model_info_and_load(stub):
+    info = stub.GetModelInfo(engine_pb2.GetModelInfoRequest())
+    assert (info.architecture, info.vocab_size, info.max_model_len) == ("LlamaForCausalLM", 256, 256)
+    assert list(info.eos_token_ids) == [2, 3] and info.block_size == 4 and info.dtype == "float32"
+    # 4 MiB of KV: 2 layers * 2 kv heads * 16 dims * 2 (k, v) * 4 bytes = 512 bytes a token, 2048 a block.
+    assert info.kv_blocks_total == 2048
+    load = wait_idle(stub)
+    assert load.kv_blocks_total == 2048
+
+
+def test_reflection_lists_the_services(engine_server):
+    with grpc.insecure_channel(engine_server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        response = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in response.list_services_response.service}
+    assert {"tessera.engine.v1.Engine", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_count_requests_and_show_kv_use(stub, engine_server):
+    list(stub.Generate(greedy(max_tokens=2)))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{engine_server.metrics_port}/metrics").read().decode()
+    assert 'tessera_requests_total{code="OK",method="Generate"}' in text
+    assert "tessera_time_to_first_token_seconds_count" in text
+    assert "tessera_kv_blocks_total 2048.0" in text
+
+
+def test_full_queue_is_resource_exhausted(model_dir):
+    with ServerProcess("engine", "--model", str(model_dir), "--max-num-seqs", "1", "--max-queue", "0") as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = engine_pb2_grpc.EngineStub(channel)
+            running = stub.Generate(greedy(max_tokens=200))
+            next(running)
+            with pytest.raises(grpc.RpcError) as error:
+                list(stub.Generate(greedy(max_tokens=2)))
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            running.cancel()
+
+
+def test_sigterm_drains_in_flight_streams(model_dir):
+    server = ServerProcess("engine", "--model", str(model_dir), "--grace", "20").start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            call = engine_pb2_grpc.EngineStub(channel).Generate(greedy(max_tokens=60))
+            first = next(call)
+            threading.Timer(0.05, server.process.send_signal, [signal.SIGTERM]).start()
+            rest = list(call)  # the stream still completes
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 60
+        assert rest[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH
+        assert server.process.wait(30) == 0
+    finally:
+        server.stop()
