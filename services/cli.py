@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="the tokenizer's public port")
     up.add_argument("--device", default=os.environ.get("TESSERA_DEVICE", "cpu"))
 
+    health = roles.add_parser("health", help="exit 0 if a tessera server reports SERVING (for container probes)")
+    health.add_argument("--address", default=f"localhost:{DEFAULT_PORT}")
+    health.add_argument("--service", default="", help="a service name; empty means the server as a whole")
+
     generate = roles.add_parser("generate", help="stream a completion from a running tessera")
     generate.add_argument("text")
     generate.add_argument("--chat", action="store_true", help="send the text as a user message")
@@ -145,6 +149,22 @@ def run_up(args) -> int:
     return next((code for code in codes if code not in (0, -signal.SIGTERM)), 0)
 
 
+def run_health(args) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=5)
+        except grpc.RpcError as error:
+            print(f"{args.address}: {error.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(f"{args.address} {args.service or '(server)'}: {status}")
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def run_generate(args) -> int:
     import grpc
 
@@ -172,7 +192,7 @@ def run_generate(args) -> int:
 
 
 COMMANDS = {"engine": run_engine, "worker": run_worker, "tokenizer": run_tokenizer, "up": run_up,
-            "generate": run_generate}
+            "health": run_health, "generate": run_generate}
 
 if __name__ == "__main__":
     sys.exit(main())

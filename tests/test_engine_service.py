@@ -30,7 +30,8 @@ def greedy(max_tokens=16, **fields):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return preset_checkpoint(tmp_path_factory, "llama")
+    # A long context, so that a stream cannot finish before a short deadline expires.
+    return preset_checkpoint(tmp_path_factory, "llama", max_position_embeddings=4096)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_request_id_comes_from_the_field_or_metadata(stub):
 @pytest.mark.parametrize("mutate, code, field", [
     (lambda r: r.ClearField("prompt_token_ids"), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
     (lambda r: r.prompt_token_ids.append(256), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
-    (lambda r: r.prompt_token_ids.extend([1] * 300), grpc.StatusCode.OUT_OF_RANGE, "prompt_token_ids"),
+    (lambda r: r.prompt_token_ids.extend([1] * 4100), grpc.StatusCode.OUT_OF_RANGE, "prompt_token_ids"),
     (lambda r: setattr(r.sampling, "temperature", -0.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
     (lambda r: setattr(r.sampling, "top_p", 1.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
     (lambda r: setattr(r.sampling, "top_p", 0.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
@@ -106,7 +107,7 @@ def test_request_id_comes_from_the_field_or_metadata(stub):
     (lambda r: setattr(r.sampling, "min_p", 2.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.min_p"),
     (lambda r: r.sampling.logit_bias.update({999: 1.0}), grpc.StatusCode.INVALID_ARGUMENT, "sampling.logit_bias"),
     (lambda r: setattr(r.stopping, "max_tokens", 0), grpc.StatusCode.INVALID_ARGUMENT, "stopping.max_tokens"),
-    (lambda r: setattr(r.stopping, "max_tokens", 10_000), grpc.StatusCode.INVALID_ARGUMENT, "stopping.max_tokens"),
+    (lambda r: setattr(r.stopping, "max_tokens", 5000), grpc.StatusCode.INVALID_ARGUMENT, "stopping.max_tokens"),
     (lambda r: r.stopping.stop.append("\n"), grpc.StatusCode.INVALID_ARGUMENT, "stopping.stop"),
     (lambda r: setattr(r.output, "logprobs", 50), grpc.StatusCode.INVALID_ARGUMENT, "output.logprobs"),
 ])
@@ -130,7 +131,7 @@ def test_cancel_frees_the_blocks_within_a_step(stub):
 
 def test_deadline_aborts_and_frees_the_blocks(stub):
     with pytest.raises(grpc.RpcError) as error:
-        for _ in stub.Generate(greedy(max_tokens=230), timeout=0.3):
+        for _ in stub.Generate(greedy(max_tokens=4000), timeout=0.5):
             pass
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_idle(stub, timeout=5)
@@ -147,7 +148,7 @@ def test_abort_rpc_ends_the_stream_with_finish_reason_abort(stub):
 
 def test_model_info_and_load(stub):
     info = stub.GetModelInfo(engine_pb2.GetModelInfoRequest())
-    assert (info.architecture, info.vocab_size, info.max_model_len) == ("LlamaForCausalLM", 256, 256)
+    assert (info.architecture, info.vocab_size, info.max_model_len) == ("LlamaForCausalLM", 256, 4096)
     assert list(info.eos_token_ids) == [2, 3] and info.block_size == 4 and info.dtype == "float32"
     # 4 MiB of KV: 2 layers * 2 kv heads * 16 dims * 2 (k, v) * 4 bytes = 512 bytes a token, 2048 a block.
     assert info.kv_blocks_total == 2048

@@ -133,3 +133,5 @@ class EngineLoop:
             with self._lock:
                 self._live_ids.discard(request_id)
             sink(error)
+        # The worker may have restarted with empty KV tensors: cached blocks would then point at nothing.
+        self.engine.kv.reset_prefix_cache()

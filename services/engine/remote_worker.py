@@ -67,8 +67,12 @@ class RemoteWorker:
         self._channel = self._stub = None
         self._stream = None  # (request queue, response iterator) of the open Execute stream
         self._connect()
-        self._wait_until_serving(connect_timeout)
-        self.info = self._describe()
+        try:
+            self._wait_until_serving(connect_timeout)
+            self.info = self._describe()
+        except BaseException:
+            self.close()
+            raise
         self.model_config = RemoteModelConfig.from_describe(self.info)
         self.num_blocks = self.info.num_blocks
         self.block_size = self.info.block_size

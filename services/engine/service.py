@@ -72,7 +72,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             while unfinished:
                 index, out = await outputs.get()
                 if isinstance(out, BaseException):
-                    raise RpcError(grpc.StatusCode.UNAVAILABLE, f"the worker failed: {out}")
+                    raise out  # the step failed: rpc_method maps it (UNAVAILABLE for a lost worker)
                 now = time.perf_counter()
                 if out.new_token_ids:
                     (TIME_TO_FIRST_TOKEN.observe(now - start) if first else TIME_PER_OUTPUT_TOKEN.observe(now - last))
@@ -102,7 +102,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         mc, cfg = engine.model_config, engine.config
         return engine_pb2.GetModelInfoResponse(
             model_name=self.model_name,
-            model_path=str(cfg.model),
+            model_path=str(mc.model_dir),
             architecture=mc.architecture,
             max_model_len=engine.max_model_len,
             vocab_size=mc.vocab_size,
@@ -157,13 +157,14 @@ async def serve_engine(config, port: int, *, worker_address: str | None = None, 
     from tessera.serving import Server
 
     server = Server(port, host, grace_seconds)
-    service = EngineService(max_queue, model_name or Path(config.model).name)
+    service = EngineService(max_queue, model_name or "")
     engine_pb2_grpc.add_EngineServicer_to_server(service, server.grpc)
     server.add_services([SERVICE_NAME])
     bound = await server.start()
     log.info("engine on port %d (NOT_SERVING while loading); loading %s", bound, config.model)
     started = time.perf_counter()
     engine = await asyncio.to_thread(build_engine, config, worker_address)
+    service.model_name = service.model_name or Path(engine.model_config.model_dir).name
     log.info("model loaded in %.1f s; warming up", time.perf_counter() - started)
     await asyncio.to_thread(warm_up, engine)
     engine_loop = EngineLoop(engine)

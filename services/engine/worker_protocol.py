@@ -52,7 +52,9 @@ def plan_to_proto(plan: StepPlan) -> pb.StepPlan:
         ],
         new_block_ids=[pb.RequestBlockIds(request_id=r, block_ids=b) for r, b in plan.new_block_ids.items()],
         # Repeated, not a map: the order is the engine's, and the worker's batch layout follows it.
-        num_scheduled_tokens=[pb.ScheduledTokens(request_id=r, num_tokens=n) for r, n in plan.num_scheduled_tokens.items()],
+        num_scheduled_tokens=[
+            pb.ScheduledTokens(request_id=r, num_tokens=n) for r, n in plan.num_scheduled_tokens.items()
+        ],
         finished_request_ids=plan.finished_request_ids,
     )
 

@@ -66,11 +66,9 @@ class TorchAttentionBackend(AttentionBackend):
 
 def _sdpa(q, k, v, mask, scale):
     """q [b, q_len, heads, d], k/v [b, kv_len, kv_heads, d], mask [b, q_len, kv_len] -> [b, q_len, heads, d]."""
-    groups = q.shape[2] // k.shape[2]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=2)
-        v = v.repeat_interleave(groups, dim=2)
+    # enable_gqa lets query-head groups share a KV head without copying keys and values per group.
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=scale
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)

@@ -1,0 +1,214 @@
+"""Served throughput: the offline workload over gRPC through `tessera engine` against the in-process LLMEngine.
+
+    python bench/served_throughput.py                                # 64 requests, prompts 32-512, outputs 16-256
+    python bench/served_throughput.py --requests 16 --scale 0.25     # a quick run
+    python bench/served_throughput.py --via-tokenizer                # text prompts through `tessera tokenizer`
+
+One run, side by side: the in-process engine runs the workload (greedy, EOS ignored), then a real
+`tessera engine` subprocess on 127.0.0.1 serves the same requests as concurrent Engine/Generate streams over
+grpc.aio. Then latency at a fixed request rate: Poisson arrivals (fixed seed), a bounded number of requests,
+time to first token and inter-token latency p50/p99 as the client sees them. The last line is the
+served / in-process throughput ratio (the goal is >= 0.9).
+
+--via-tokenizer sends text to tessera.tokenizer.v1.TextGeneration (tokenizer -> engine, two hops). The text is
+the workload's token ids, mapped into the demo tokenizer's vocabulary and decoded; the in-process engine gets
+that text tokenized the same way, so both sides compute identical prompts. The client runs in this process and
+shares the machine with the servers.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import random
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from bench_model import build_bench_model, make_workload
+from tessera.engine.engine import EngineConfig, LLMEngine
+from tessera.engine.sampling_params import SamplingParams
+from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
+from tessera.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from servers import ServerProcess  # noqa: E402  (real server subprocesses on loopback, as the tests use)
+
+DEMO_TOKENIZER = ROOT / "models" / "tessera-demo"
+
+
+def scaled(low: int, high: int, scale: float) -> tuple[int, int]:
+    return max(1, round(low * scale)), max(1, round(high * scale))
+
+
+class Client:
+    """One grpc.aio channel; `stream` yields (arrival time, number of new tokens, token ids) per response."""
+
+    def __init__(self, address: str, via_tokenizer: bool, timeout: float):
+        self.channel = grpc.aio.insecure_channel(address)
+        self.via_tokenizer = via_tokenizer
+        self.timeout = timeout
+        self.engine = engine_pb2_grpc.EngineStub(self.channel)
+        self.text = tokenizer_pb2_grpc.TextGenerationStub(self.channel)
+
+    def call(self, prompt, max_tokens: int):
+        sampling = engine_pb2.SamplingParams(temperature=0.0)
+        stopping = engine_pb2.StoppingParams(max_tokens=max_tokens, ignore_eos=True)
+        if self.via_tokenizer:
+            return self.text.Generate(tokenizer_pb2.GenerateRequest(text=prompt, sampling=sampling, stopping=stopping),
+                                      timeout=self.timeout)
+        return self.engine.Generate(engine_pb2.GenerateRequest(prompt_token_ids=prompt, sampling=sampling,
+                                                               stopping=stopping), timeout=self.timeout)
+
+    async def generate(self, prompt, max_tokens: int) -> tuple[list[int], list[float]]:
+        """The token ids and the arrival time of each response that carried tokens."""
+        tokens, arrivals = [], []
+        async for response in self.call(prompt, max_tokens):
+            if response.token_ids:
+                arrivals.append(time.perf_counter())
+                tokens.extend(response.token_ids)
+        return tokens, arrivals
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def run_in_process(model_dir, prompts, output_lens, kv_cache_memory) -> tuple[float, list[list[int]]]:
+    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=kv_cache_memory))
+    engine.generate([prompts[0][:8]], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))  # warm-up
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    start = time.perf_counter()
+    completions = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    del engine
+    gc.collect()
+    return elapsed, [c.token_ids for c in completions]
+
+
+async def run_served(client: Client, prompts, output_lens) -> tuple[float, list[list[int]]]:
+    await client.generate(prompts[0][:8], 2)  # warm-up: connect, first call
+    start = time.perf_counter()
+    results = await asyncio.gather(*(client.generate(p, n) for p, n in zip(prompts, output_lens)))
+    elapsed = time.perf_counter() - start
+    return elapsed, [tokens for tokens, _ in results]
+
+
+async def run_at_rate(client: Client, prompts, output_lens, rate: float, seed: int):
+    """Poisson arrivals at `rate` requests/s; returns TTFTs, inter-token gaps, output tokens and wall time."""
+    rng = random.Random(seed)
+    offsets, t = [], 0.0
+    for _ in prompts:
+        offsets.append(t)
+        t += rng.expovariate(rate)
+
+    async def one(prompt, max_tokens, offset, start):
+        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+        sent = time.perf_counter()
+        tokens, arrivals = await client.generate(prompt, max_tokens)
+        return arrivals[0] - sent, list(np.diff(arrivals)), len(tokens)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(p, n, o, start) for p, n, o in zip(prompts, output_lens, offsets)))
+    wall = time.perf_counter() - start
+    ttfts = [r[0] for r in results]
+    gaps = [gap for r in results for gap in r[1]]
+    return ttfts, gaps, sum(r[2] for r in results), wall
+
+
+def text_prompts(prompts: list[list[int]]) -> tuple[list[str], list[list[int]]]:
+    """The workload's ids as demo-tokenizer text, and that text tokenized as the tokenizer server will."""
+    from tessera.tokenizer.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(DEMO_TOKENIZER)
+    first = max(tokenizer.all_special_ids) + 1
+    texts = [tokenizer.decode([first + t % (tokenizer.vocab_size - first) for t in p], True) for p in prompts]
+    return texts, [tokenizer.encode(text, add_special_tokens=True) for text in texts]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:8.1f} ms"
+
+
+async def served_phase(args, address, served_prompts, output_lens, lat_prompts, lat_lens):
+    client = Client(address, args.via_tokenizer, args.timeout)
+    try:
+        elapsed, tokens = await run_served(client, served_prompts, output_lens)
+        latency = await run_at_rate(client, lat_prompts, lat_lens, args.rate, args.seed)
+    finally:
+        await client.close()
+    return elapsed, tokens, latency
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64, help="requests in the throughput workload")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies prompt and output lengths (quick runs)")
+    parser.add_argument("--rate", type=float, default=2.0, help="requests/s for the latency run (Poisson)")
+    parser.add_argument("--latency-requests", type=int, default=32, help="requests in the latency run")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    parser.add_argument("--via-tokenizer", action="store_true", help="text prompts through `tessera tokenizer`")
+    parser.add_argument("--model-dir", default="bench/out/bench-llama")
+    parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes, for both engines")
+    parser.add_argument("--timeout", type=float, default=900.0, help="deadline of each gRPC call, seconds")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    model_dir = build_bench_model(args.model_dir)
+    prompt_range, output_range = scaled(32, 512, args.scale), scaled(16, 256, args.scale)
+    workload = make_workload(args.requests, prompt_range, output_range)
+    latency_workload = make_workload(args.latency_requests, prompt_range, output_range, seed=1)
+    engine_prompts, served_prompts = workload.prompts, workload.prompts
+    lat_prompts = latency_workload.prompts
+    if args.via_tokenizer:
+        served_prompts, engine_prompts = text_prompts(workload.prompts)
+        lat_prompts, _ = text_prompts(latency_workload.prompts)
+    total = sum(workload.output_lens)
+    path = "text via tokenizer -> engine" if args.via_tokenizer else "token ids, Engine/Generate"
+    print(f"workload: {args.requests} requests, prompts {prompt_range[0]}-{prompt_range[1]} "
+          f"({sum(map(len, engine_prompts))} prompt tokens), outputs {output_range[0]}-{output_range[1]} "
+          f"({total} output tokens), greedy, EOS ignored, fp32, {torch.get_num_threads()} torch threads; "
+          f"served: {path}", flush=True)
+
+    in_process_s, expected = run_in_process(model_dir, engine_prompts, workload.output_lens, args.kv_cache_memory)
+    assert sum(map(len, expected)) == total
+    print(f"in-process done ({in_process_s:.1f} s); starting the server(s)", flush=True)
+
+    engine_args = ["--model", str(model_dir), "--kv-cache-memory", str(args.kv_cache_memory)]
+    with ServerProcess("engine", *engine_args) as engine:
+        servers = [engine]
+        if args.via_tokenizer:
+            servers.append(ServerProcess("tokenizer", "--model", str(DEMO_TOKENIZER), "--engine", engine.address).start())
+        try:
+            served_s, tokens, latency = asyncio.run(served_phase(
+                args, servers[-1].address, served_prompts, workload.output_lens, lat_prompts,
+                latency_workload.output_lens))
+        finally:
+            for server in servers[1:]:
+                server.stop()
+    assert sum(map(len, tokens)) == total, "the served run returned a different number of tokens"
+    same = sum(a == b for a, b in zip(tokens, expected))
+    ttfts, gaps, lat_tokens, lat_wall = latency
+    ours, served = total / in_process_s, total / served_s
+
+    print()
+    print(f"{'throughput':<34}{'tok/s':>10}{'seconds':>10}")
+    print(f"{'in-process LLMEngine':<34}{ours:10.1f}{in_process_s:10.1f}")
+    print(f"{f'served over gRPC ({args.requests} streams)':<34}{served:10.1f}{served_s:10.1f}"
+          f"   same tokens as in-process: {same}/{args.requests} requests")
+    print()
+    print(f"latency over gRPC: {args.latency_requests} requests, Poisson {args.rate:g} req/s (seed {args.seed}), "
+          f"{lat_tokens / lat_wall:.1f} tok/s over {lat_wall:.1f} s")
+    print(f"{'':<34}{'p50':>11}{'p99':>11}")
+    for name, values in (("time to first token", ttfts), ("inter-token latency", gaps)):
+        p50, p99 = np.percentile(values, [50, 99])
+        print(f"{name:<34}{ms(p50):>11}{ms(p99):>11}")
+    print(f"served / in-process throughput: {served / ours:.2f}x (goal >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()

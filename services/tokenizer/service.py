@@ -1,0 +1,272 @@
+"""The front door: tessera.tokenizer.v1.Tokenizer and tessera.tokenizer.v1.TextGeneration over grpc.aio.
+
+Generate turns text or chat messages into token ids, runs each of the n samples as its own Engine/Generate
+call (on the least loaded engine, failing over while nothing has streamed yet), and streams text deltas:
+incrementally detokenized (never a broken character), with stop strings held back until they cannot match.
+A stop-string match aborts that sample's engine request; leaving the stream early cancels every engine call.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+
+from tessera.engine.v1 import engine_pb2
+from tessera.serving import RpcError, Server, request_id_from, rpc_method
+from tessera.tokenizer.chat_template import ChatTemplateError, render_chat
+from tessera.tokenizer.detokenizer import IncrementalDetokenizer
+from tessera.tokenizer.router import EngineHandle, EngineRouter
+from tessera.tokenizer.stop_strings import StopStringMatcher
+from tessera.tokenizer.tokenizer import Tokenizer
+from tessera.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+log = logging.getLogger("tessera.tokenizer")
+
+TOKENIZER_SERVICE = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
+GENERATION_SERVICE = tokenizer_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+MAX_TEMPLATE_CHARS = 64 << 10  # client-supplied templates: bound the work a request can ask for
+
+
+def optional(message, name: str, default):
+    return getattr(message, name) if message.HasField(name) else default
+
+
+def render_messages(tokenizer: Tokenizer, messages, add_generation_prompt: bool, template: str | None) -> str:
+    chat = [{"role": m.role, "content": m.content} for m in messages]
+    if not chat:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "messages: must not be empty")
+    try:
+        if template is not None:
+            if len(template) > MAX_TEMPLATE_CHARS:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"chat_template: longer than {MAX_TEMPLATE_CHARS} characters")
+            return render_chat(template, chat, add_generation_prompt, tokenizer.special_tokens_map)
+        if tokenizer.chat_template is None:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "messages: the model has no chat template; pass chat_template")
+        return tokenizer.apply_chat_template(chat, add_generation_prompt)
+    except ChatTemplateError as error:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"messages: the chat template failed: {error}") from None
+
+
+class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    @rpc_method
+    async def Tokenize(self, request, context):
+        ids, offsets = self.tokenizer.encode_with_offsets(request.text, optional(request, "add_special_tokens", True))
+        response = tokenizer_pb2.TokenizeResponse(token_ids=ids)
+        if request.return_offsets:
+            response.offsets.extend(tokenizer_pb2.TokenOffset(start=s, end=e) for s, e in offsets)
+        return response
+
+    @rpc_method
+    async def Detokenize(self, request, context):
+        bad = next((t for t in request.token_ids if t >= self.tokenizer.vocab_size), None)
+        if bad is not None:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"token_ids: {bad} is outside the vocabulary [0, {self.tokenizer.vocab_size})")
+        skip = optional(request, "skip_special_tokens", True)
+        return tokenizer_pb2.DetokenizeResponse(text=self.tokenizer.decode(request.token_ids, skip))
+
+    @rpc_method
+    async def RenderChat(self, request, context):
+        prompt = await asyncio.to_thread(render_messages, self.tokenizer, request.messages,
+                                         optional(request, "add_generation_prompt", True),
+                                         optional(request, "chat_template", None))
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)  # the template wrote BOS where it belongs
+        return tokenizer_pb2.RenderChatResponse(prompt=prompt, token_ids=ids)
+
+    @rpc_method
+    async def GetTokenizerInfo(self, request, context):
+        tok = self.tokenizer
+
+        def special(token_id):
+            return tokenizer_pb2.SpecialToken(text=tok.convert_ids_to_tokens(token_id), id=token_id)
+
+        response = tokenizer_pb2.GetTokenizerInfoResponse(
+            vocab_size=tok.vocab_size,
+            eos_tokens=[special(i) for i in tok.eos_token_ids],
+            special_tokens=[special(i) for i in sorted(tok.all_special_ids)],
+            has_chat_template=tok.chat_template is not None,
+        )
+        if tok.bos_token_id is not None:
+            response.bos_token.CopyFrom(special(tok.bos_token_id))
+        if tok.model_max_length is not None:
+            response.model_max_length = tok.model_max_length
+        return response
+
+
+class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
+    def __init__(self, tokenizer: Tokenizer, router: EngineRouter):
+        self.tokenizer = tokenizer
+        self.router = router
+
+    def prompt_ids(self, request) -> list[int]:
+        if bool(request.text) == bool(request.messages):
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "text: set exactly one of text and messages")
+        if request.text:
+            return self.tokenizer.encode(request.text, optional(request, "add_special_tokens", True))
+        prompt = render_messages(self.tokenizer, request.messages, optional(request, "add_generation_prompt", True),
+                                 optional(request, "chat_template", None))
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    @rpc_method
+    async def Generate(self, request, context):
+        request_id = request_id_from(context, request.request_id) or uuid.uuid4().hex
+        for i, stop in enumerate(request.stopping.stop):
+            if not stop:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"stopping.stop[{i}]: must not be empty")
+        prompt_ids = await asyncio.to_thread(self.prompt_ids, request)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        n = max(request.n, 1)
+        outputs: asyncio.Queue = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(self._sample(request, request_id, i, n, prompt_ids, deadline, outputs))
+            for i in range(n)
+        ]
+        unfinished = n
+        try:
+            while unfinished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason != engine_pb2.FINISH_REASON_UNSPECIFIED:
+                    unfinished -= 1
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _sample(self, request, request_id, index, n, prompt_ids, deadline, outputs: asyncio.Queue) -> None:
+        try:
+            await self._run_sample(request, request_id, index, n, prompt_ids, deadline, outputs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            outputs.put_nowait(error)
+
+    async def _run_sample(self, request, request_id, index, n, prompt_ids, deadline, outputs) -> None:
+        engine_request = engine_pb2.GenerateRequest(
+            request_id=request_id if n == 1 else f"{request_id}/{index}",
+            prompt_token_ids=prompt_ids,
+            sampling=request.sampling,
+            stopping=request.stopping,
+            output=request.output,
+            priority=request.priority,
+        )
+        engine_request.stopping.ClearField("stop")  # text-level: ours to check
+        engine_request.stopping.include_stop_str_in_output = False
+        if n > 1 and request.sampling.HasField("seed"):
+            engine_request.sampling.seed = request.sampling.seed + index  # distinct, reproducible samples
+        if index > 0:
+            engine_request.output.ClearField("prompt_logprobs")  # sent once, with index 0: the same for every sample
+        tried = []
+        for engine in self.router.candidates():
+            tried.append(engine.address)
+            try:
+                return await self._stream(engine, engine_request, request, request_id, index, prompt_ids, deadline,
+                                          outputs)
+            except _NotStarted as failure:
+                self.router.mark_down(engine)
+                log.warning("engine %s failed before streaming (%s); trying the next", engine.address, failure)
+        raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no engine is available (tried {', '.join(tried)})")
+
+    async def _stream(self, engine: EngineHandle, engine_request, request, request_id, index, prompt_ids, deadline,
+                      outputs):
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, optional(request, "skip_special_tokens", True))
+        stops = StopStringMatcher(request.stopping.stop, request.stopping.include_stop_str_in_output)
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        call = engine.stub.Generate(engine_request, timeout=timeout,
+                                    metadata=(("x-request-id", engine_request.request_id),))
+        engine.in_flight += 1
+        started = False
+        completion_tokens = 0
+        try:
+            async for response in call:
+                started = True
+                completion_tokens += len(response.token_ids)
+                finished = response.finish_reason != engine_pb2.FINISH_REASON_UNSPECIFIED
+                text = detokenizer.push(response.token_ids) + (detokenizer.flush() if finished else "")
+                text, matched = stops.push(text)
+                if finished and matched is None:
+                    text += stops.flush()
+                    matched = stops.matched
+                out = tokenizer_pb2.GenerateResponse(
+                    request_id=request_id, index=index, text=text, token_ids=response.token_ids, logprobs=response.logprobs,
+                    prompt_logprobs=response.prompt_logprobs,
+                )
+                if matched is not None:
+                    out.finish_reason = engine_pb2.FINISH_REASON_STOP
+                    out.matched_stop = matched
+                    out.usage.CopyFrom(await self._abort(engine, engine_request.request_id, call, response))
+                    out.usage.completion_tokens = completion_tokens
+                elif finished:
+                    out.finish_reason = response.finish_reason
+                    out.usage.CopyFrom(response.usage)
+                outputs.put_nowait(out)
+                if out.finish_reason != engine_pb2.FINISH_REASON_UNSPECIFIED:
+                    return
+        except grpc.aio.AioRpcError as error:
+            if not started and error.code() == grpc.StatusCode.UNAVAILABLE:
+                raise
+            raise
+        finally:
+            engine.in_flight -= 1
+            call.cancel()
+
+    async def _abort(self, engine: EngineHandle, engine_request_id: str, call, last) -> engine_pb2.Usage:
+        """Stops the engine request now; its final response (with usage) ends the engine stream."""
+        if last.finish_reason != engine_pb2.FINISH_REASON_UNSPECIFIED:
+            return last.usage
+        await engine.stub.Abort(engine_pb2.AbortRequest(request_ids=[engine_request_id]), timeout=5)
+        usage = last.usage
+        async for response in call:
+            usage = response.usage
+        return usage
+
+
+class _NotStarted(Exception):
+    """The engine failed before streaming anything: safe to retry on another."""
+
+
+async def serve_tokenizer(model_dir: str, engines: list[str], port: int, *, host: str = "[::]",
+                          metrics_port: int | None = None, grace_seconds: float = 30.0) -> None:
+    from tessera.metrics import serve_metrics
+
+    server = Server(port, host, grace_seconds)
+    tokenizer = Tokenizer(model_dir)
+    router = EngineRouter(engines)
+    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerService(tokenizer), server.grpc)
+    tokenizer_pb2_grpc.add_TextGenerationServicer_to_server(TextGenerationService(tokenizer, router), server.grpc)
+    server.add_services([TOKENIZER_SERVICE, GENERATION_SERVICE])
+    bound = await server.start()
+    if metrics_port:
+        serve_metrics(metrics_port)
+    await router.start()
+    health_task = asyncio.create_task(_follow_engines(server, router))
+    log.info("tokenizer on port %d, forwarding to %s", bound, ", ".join(engines))
+    try:
+        await server.serve_until_signalled()
+    finally:
+        health_task.cancel()
+        await router.close()
+
+
+async def _follow_engines(server: Server, router: EngineRouter) -> None:
+    """Tokenizer serves once loaded; TextGeneration (and the overall status) while some engine is up."""
+    from grpc_health.v1 import health_pb2
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    await server.health.set(TOKENIZER_SERVICE, serving)
+    engines_up = None
+    while True:
+        up = any(engine.up for engine in router.engines)
+        if up != engines_up:
+            for name in ("", GENERATION_SERVICE):
+                await server.health.set(name, serving if up else not_serving)
+            engines_up = up
+        await asyncio.sleep(router.poll_seconds)
