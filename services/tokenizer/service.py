@@ -212,7 +212,7 @@ class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
                     return
         except grpc.aio.AioRpcError as error:
             if not started and error.code() == grpc.StatusCode.UNAVAILABLE:
-                raise
+                raise _NotStarted(error.details()) from None
             raise
         finally:
             engine.in_flight -= 1
