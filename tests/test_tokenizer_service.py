@@ -7,6 +7,7 @@ so random generations are full of lone UTF-8 bytes: the hard case for incrementa
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from pathlib import Path
@@ -272,6 +273,18 @@ def test_stop_strings_that_never_complete_change_nothing(textgen, greedy_run):
         assert full.startswith(streamed)
 
 
+def test_every_one_of_n_samples_stops_at_the_stop_string(textgen, engine_stub, greedy_run):
+    full, _, _, stop = greedy_run
+    samples = {}
+    for r in textgen.Generate(request(PROMPT, max_tokens=LONG, stop=[stop], ignore_eos=True, n=2)):
+        samples.setdefault(r.index, []).append(r)
+    assert sorted(samples) == [0, 1]
+    for responses in samples.values():  # greedy: both samples are the greedy run, cut at the stop string
+        assert "".join(r.text for r in responses) == full[:full.index(stop)]
+        assert responses[-1].finish_reason == engine_pb2.FINISH_REASON_STOP and responses[-1].matched_stop == stop
+    wait_idle(engine_stub, timeout=1.0)  # each sample's engine request was aborted
+
+
 # -- chat templates -------------------------------------------------------------------------------------------
 
 
@@ -480,6 +493,21 @@ def test_tokenizer_info_equals_transformers(servicer, hf_tok, model_dir):
         (i, hf_tok.convert_ids_to_tokens(i)) for i in sorted(hf_tok.all_special_ids)]
     assert info.has_chat_template and hf_tok.chat_template is not None
     assert info.model_max_length == hf_tok.model_max_length
+
+
+def test_a_model_without_a_chat_template_needs_an_override(tmp_path, hf_tok):
+    config = json.loads((DEMO / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copy(DEMO / "tokenizer.json", tmp_path / "tokenizer.json")
+    servicer = TokenizerService(Tokenizer(tmp_path))
+    assert not call(servicer, "GetTokenizerInfo", tokenizer_pb2.GetTokenizerInfoRequest()).has_chat_template
+    with pytest.raises(Aborted) as error:
+        call(servicer, "RenderChat", tokenizer_pb2.RenderChatRequest(messages=CHAT))
+    assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION and error.value.details.startswith("messages")
+    rendered = call(servicer, "RenderChat", tokenizer_pb2.RenderChatRequest(messages=CHAT, chat_template=LLAMA3))
+    assert rendered.prompt == hf_tok.apply_chat_template([{"role": m.role, "content": m.content} for m in CHAT],
+                                                         chat_template=LLAMA3, tokenize=False, add_generation_prompt=True)
 
 
 def test_tokenizer_rpcs_over_the_wire_match_the_servicer(tok_stub, servicer):
