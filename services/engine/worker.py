@@ -72,8 +72,11 @@ class Worker:
         if not plan.num_scheduled_tokens:
             return StepResult()
 
-        # Decodes first: backends batch the single-token queries together.
-        scheduled = sorted(plan.num_scheduled_tokens.items(), key=lambda item: item[1] != 1)
+        # Decodes first, shortest context first: backends batch single-token queries in groups of similar length.
+        scheduled = sorted(
+            plan.num_scheduled_tokens.items(),
+            key=lambda item: (item[1] != 1, self.requests[item[0]].num_computed_tokens if item[1] == 1 else 0),
+        )
         states = [self.requests[request_id] for request_id, _ in scheduled]
         input_ids, positions, request_index, query_lens, seq_lens = [], [], [], [], []
         for i, ((_, num_new), state) in enumerate(zip(scheduled, states)):

@@ -1,7 +1,7 @@
 """The one attention interface every device implements, and the batch layout it reads.
 
 A step's tokens are concatenated request after request ("ragged" batch). Requests whose query length is 1
-(decodes) come first, so backends can treat them as one dense batch.
+(decodes) come first, shortest context first, so backends can treat them as dense batches of similar length.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # int32 [num_reqs]: context length after this step (cached + new tokens)
     block_tables: torch.Tensor  # int32 [num_reqs, max_blocks]: physical block ids, padded with 0
     slot_mapping: torch.Tensor  # int64 [num_tokens]: block_id * block_size + offset of each new token's KV
-    num_decodes: int  # the first num_decodes requests have exactly one query token
+    num_decodes: int  # the first num_decodes requests have exactly one query token, by ascending seq_len
     # Host copies, so that CPU-side loops never wait on a device.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]

@@ -23,14 +23,19 @@ def gather_context(kv_plane: torch.Tensor, block_table: torch.Tensor, length: in
     return kv_plane[block_table[:num_blocks]].flatten(0, 1)[:length]
 
 
+DECODE_GROUP = 16  # decodes attended together; sorted by length, so padding stays small
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale, sliding_window=None):
         write_kv(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        if meta.num_decodes:
-            out[: meta.num_decodes] = self._decodes(q[: meta.num_decodes], kv_cache, meta, scale, sliding_window)
+        # Decodes come sorted by context length: each group pads only to its own longest context.
+        for first in range(0, meta.num_decodes, DECODE_GROUP):
+            last = min(first + DECODE_GROUP, meta.num_decodes)
+            out[first:last] = self._decodes(q[first:last], kv_cache, meta, first, last, scale, sliding_window)
         start = meta.num_decodes
         for i in range(meta.num_decodes, meta.num_reqs):
             q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
@@ -47,14 +52,13 @@ class TorchAttentionBackend(AttentionBackend):
             start += q_len
         return out
 
-    def _decodes(self, q, kv_cache, meta, scale, sliding_window):
-        """All single-token queries at once: contexts padded to the longest and masked."""
-        n = meta.num_decodes
-        seq_lens = meta.seq_lens[:n].to(torch.long)
-        max_len = max(meta.seq_lens_cpu[:n])
+    def _decodes(self, q, kv_cache, meta, first, last, scale, sliding_window):
+        """Single-token queries of requests [first, last) at once: contexts padded to the longest and masked."""
+        seq_lens = meta.seq_lens[first:last].to(torch.long)
+        max_len = max(meta.seq_lens_cpu[first:last])
         block_size = kv_cache.shape[2]
         num_blocks = -(-max_len // block_size)
-        tables = meta.block_tables[:n, :num_blocks].to(torch.long)
+        tables = meta.block_tables[first:last, :num_blocks].to(torch.long)
         keys = kv_cache[0][tables].flatten(1, 2)[:, :max_len]  # [n, max_len, kv_heads, head_dim]
         values = kv_cache[1][tables].flatten(1, 2)[:, :max_len]
         k_pos = torch.arange(max_len).unsqueeze(0)
