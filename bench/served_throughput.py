@@ -5,9 +5,8 @@
     python bench/served_throughput.py --via-tokenizer                # text prompts through `tessera tokenizer`
 
 One run, side by side: the in-process engine runs the workload (greedy, EOS ignored; timed on the main thread
-and on a second thread, the faster is the baseline), then a real
-`tessera engine` subprocess on 127.0.0.1 serves the same requests as concurrent Engine/Generate streams over
-grpc.aio. Then latency at a fixed request rate: Poisson arrivals (fixed seed), a bounded number of requests,
+and on a second thread, the faster is the baseline), then a real `tessera engine` subprocess on 127.0.0.1
+serves the same requests as concurrent Engine/Generate streams over grpc.aio. Then latency at a fixed request rate: Poisson arrivals (fixed seed), a bounded number of requests,
 time to first token and inter-token latency p50/p99 as the client sees them. The last line is the
 served / in-process throughput ratio (the goal is >= 0.9).
 

@@ -212,3 +212,28 @@ def test_engine_loop_streams_and_closing_the_stream_aborts(tmp_path_factory):
 
 def engine_generate_reference(model_dir, prompt):
     return make_engine(model_dir).generate([prompt], GREEDY)[0].token_ids
+
+
+def test_priority_orders_admission_and_preemption(tmp_path_factory):
+    model_dir = preset_checkpoint(tmp_path_factory, "llama")
+    # One request at a time: admission order is the order they finish in.
+    engine = make_engine(model_dir, max_num_seqs=1)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    engine.add_request([5, 6, 7], params, request_id="first")
+    engine.add_request([5, 6, 8], params, request_id="urgent", priority=-1)
+    engine.add_request([5, 6, 9], params, request_id="later")
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == ["urgent", "first", "later"]
+
+    # Out of blocks, the lowest-priority running request is the one preempted.
+    engine = make_engine(model_dir, num_kv_blocks=12, max_num_batched_tokens=64)
+    long = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    engine.add_request(list(range(10, 30)), long, request_id="low", priority=5)
+    engine.add_request(list(range(40, 60)), long, request_id="high", priority=0)
+    while engine.has_unfinished_requests() and engine.scheduler.num_preemptions == 0:
+        engine.step()
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.scheduler.requests["low"].num_preemptions > 0
+    assert engine.scheduler.requests["high"].num_preemptions == 0

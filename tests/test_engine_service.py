@@ -8,6 +8,7 @@ import urllib.request
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from servers import ServerProcess, free_port
@@ -188,11 +189,16 @@ def test_sigterm_drains_in_flight_streams(model_dir):
     server = ServerProcess("engine", "--model", str(model_dir), "--grace", "20").start()
     try:
         with grpc.insecure_channel(server.address) as channel:
-            call = engine_pb2_grpc.EngineStub(channel).Generate(greedy(max_tokens=60))
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="tessera.engine.v1.Engine"))
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            call = engine_pb2_grpc.EngineStub(channel).Generate(greedy(max_tokens=1500))  # seconds of work
             first = next(call)
             threading.Timer(0.05, server.process.send_signal, [signal.SIGTERM]).start()
-            rest = list(call)  # the stream still completes
-        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 60
+            # Watchers learn of the drain at once, while the in-flight stream still completes.
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            rest = list(call)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 1500
         assert rest[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH
         assert server.process.wait(30) == 0
     finally:

@@ -92,10 +92,20 @@ def front(model_dir, engine):
         yield server
 
 
+@pytest.fixture(scope="module")
+def second_engine_process(model_dir):
+    server = engine_process(model_dir)
+    yield server
+    if server.process is not None:
+        server.stop()
+
+
 @pytest.fixture
-def second_engine(model_dir):
-    with engine_process(model_dir) as server:
-        yield server
+def second_engine(second_engine_process):
+    """Another engine on the same model, (re)started if an earlier test killed it."""
+    if second_engine_process.process is None or second_engine_process.process.poll() is not None:
+        second_engine_process.start()
+    return second_engine_process
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +145,10 @@ def collect(responses):
     return "".join(r.text for r in responses), [t for r in responses for t in r.token_ids], responses[-1]
 
 
+def as_dicts(messages):
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
 def wait_idle(engine_stub, timeout=2.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -146,16 +160,23 @@ def wait_idle(engine_stub, timeout=2.0):
         time.sleep(0.01)
 
 
+def load_of(engine: ServerProcess) -> engine_pb2.GetLoadResponse:
+    with grpc.insecure_channel(engine.address) as channel:
+        return engine_pb2_grpc.EngineStub(channel).GetLoad(engine_pb2.GetLoadRequest())
+
+
 def health(address, service):
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=2).status
 
 
 def hf_greedy(hf, prompt_ids, max_new_tokens):
     _, model = hf
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
+        ids = torch.tensor([prompt_ids])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
 
 
@@ -177,8 +198,7 @@ def test_greedy_text_equals_transformers_generate(textgen, hf, kind):
         prompt_ids = hf_tok.encode(PROMPT)
         req = request(PROMPT)
     else:
-        rendered = hf_tok.apply_chat_template([{"role": m.role, "content": m.content} for m in CHAT],
-                                              add_generation_prompt=True, tokenize=False)
+        rendered = hf_tok.apply_chat_template(as_dicts(CHAT), add_generation_prompt=True, tokenize=False)
         prompt_ids = hf_tok.encode(rendered, add_special_tokens=False)
         req = request(messages=CHAT)
     expected = hf_greedy(hf, prompt_ids, 24)
@@ -253,12 +273,15 @@ def test_stop_string_cuts_the_text_and_aborts_the_engine_request(textgen, engine
 
 def test_the_earliest_of_several_stop_strings_wins(textgen, greedy_run):
     full, _, _, stop = greedy_run
-    later = full[full.index(stop) + len(stop):].strip()[:3]
+    end = full.index(stop) + len(stop)
+    # Listed first, but it first appears after `stop` ends.
+    later = next(full[i:i + 2] for i in range(end, len(full) - 1)
+                 if full.index(full[i:i + 2]) >= end and full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2])
     text, _, last = collect(textgen.Generate(request(PROMPT, max_tokens=40, stop=[later, stop], ignore_eos=True)))
     assert last.matched_stop == stop and text == full[:full.index(stop)]
 
 
-def test_stop_strings_that_never_complete_change_nothing(textgen, greedy_run):
+def test_stop_strings_that_never_complete_change_nothing(textgen, tokenizer, greedy_run):
     full, ids, plain_last, stop = greedy_run
     # The second one is a partial match: held back while it could still complete, then released.
     stops = ["\u2603 never in the output", stop + "\u2603"]
@@ -267,10 +290,14 @@ def test_stop_strings_that_never_complete_change_nothing(textgen, greedy_run):
     assert (text, out_ids) == (full, ids)
     assert last.finish_reason == plain_last.finish_reason == engine_pb2.FINISH_REASON_LENGTH
     assert last.matched_stop == "" and last.usage.completion_tokens == 40
-    streamed = ""
-    for r in responses:  # the partial match was held back, never streamed ahead of the text it belongs to
+    streamed, generated, held = "", [], 0
+    for r in responses:
         streamed += r.text
-        assert full.startswith(streamed)
+        generated += r.token_ids
+        if tokenizer.decode(generated, True).endswith(stop):  # could still grow into stop + "\u2603"
+            assert not streamed.endswith(stop)
+            held += 1
+    assert held
 
 
 def test_every_one_of_n_samples_stops_at_the_stop_string(textgen, engine_stub, greedy_run):
@@ -304,8 +331,7 @@ def test_render_chat_equals_transformers(tok_stub, hf_tok, template, messages, a
 
 def test_render_chat_defaults_to_adding_the_generation_prompt(tok_stub, hf_tok):
     response = tok_stub.RenderChat(tokenizer_pb2.RenderChatRequest(messages=CHAT))
-    assert response.prompt == hf_tok.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in CHAT], tokenize=False, add_generation_prompt=True)
+    assert response.prompt == hf_tok.apply_chat_template(as_dicts(CHAT), tokenize=False, add_generation_prompt=True)
 
 
 BAD_CHATS = {  # name: (messages, chat_template)
@@ -475,12 +501,6 @@ def test_detokenize_equals_transformers(servicer, hf_tok, skip_special_tokens):
         assert response.text == hf_tok.decode(ids, skip_special_tokens=skip_special_tokens is not False)
 
 
-def test_detokenize_rejects_an_id_outside_the_vocabulary(servicer, tokenizer):
-    with pytest.raises(Aborted) as error:
-        call(servicer, "Detokenize", tokenizer_pb2.DetokenizeRequest(token_ids=[tokenizer.vocab_size + 7]))
-    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and error.value.details.startswith("token_ids")
-
-
 def test_tokenizer_info_equals_transformers(servicer, hf_tok, model_dir):
     from transformers import GenerationConfig
 
@@ -506,8 +526,8 @@ def test_a_model_without_a_chat_template_needs_an_override(tmp_path, hf_tok):
         call(servicer, "RenderChat", tokenizer_pb2.RenderChatRequest(messages=CHAT))
     assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION and error.value.details.startswith("messages")
     rendered = call(servicer, "RenderChat", tokenizer_pb2.RenderChatRequest(messages=CHAT, chat_template=LLAMA3))
-    assert rendered.prompt == hf_tok.apply_chat_template([{"role": m.role, "content": m.content} for m in CHAT],
-                                                         chat_template=LLAMA3, tokenize=False, add_generation_prompt=True)
+    assert rendered.prompt == hf_tok.apply_chat_template(as_dicts(CHAT), chat_template=LLAMA3, tokenize=False,
+                                                         add_generation_prompt=True)
 
 
 def test_tokenizer_rpcs_over_the_wire_match_the_servicer(tok_stub, servicer):
@@ -538,16 +558,12 @@ def test_concurrent_requests_spread_over_both_engines(model_dir, engine, second_
             wait_idle(engine_pb2_grpc.EngineStub(channel))
 
 
-def load_of(engine: ServerProcess) -> engine_pb2.GetLoadResponse:
-    with grpc.insecure_channel(engine.address) as channel:
-        return engine_pb2_grpc.EngineStub(channel).GetLoad(engine_pb2.GetLoadRequest())
-
-
 def test_failover_when_an_engine_dies_and_unavailable_when_all_are_down(model_dir, engine, second_engine, textgen,
                                                                         tokenizer):
     expected = collect(textgen.Generate(request(PROMPT, max_tokens=8)))[:2]
-    with tokenizer_process(model_dir, second_engine, engine) as both, tokenizer_process(model_dir, second_engine) as only, \
-            grpc.insecure_channel(both.address) as a, grpc.insecure_channel(only.address) as b:
+    both = tokenizer_process(model_dir, second_engine, engine)
+    only = tokenizer_process(model_dir, second_engine)
+    with both, only, grpc.insecure_channel(both.address) as a, grpc.insecure_channel(only.address) as b:
         second_engine.process.kill()
         second_engine.process.wait()
         # Until its next poll (0.5 s) `both` believes the dead engine is up and, listed first, tries it first.
