@@ -127,7 +127,8 @@ def paged_attention(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_PAD=max(triton.next_power_of_2(head_dim), 16),
-        BLOCK_Q=block_q, BLOCK_N=64 if head_dim <= 128 else 32,
+        # Smaller context steps where the tiles are big (fp32, wide heads), to fit any GPU's shared memory.
+        BLOCK_Q=block_q, BLOCK_N=64 if head_dim <= 128 and q.element_size() <= 2 else 32,
         # fp32 models get true fp32 products (the default on GPUs would be TF32); 16-bit types ignore it.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )

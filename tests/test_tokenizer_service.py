@@ -583,3 +583,35 @@ def test_failover_when_an_engine_dies_and_unavailable_when_all_are_down(model_di
         assert health(only.address, TOKENIZER) == health_pb2.HealthCheckResponse.SERVING
         tokenized = tokenizer_pb2_grpc.TokenizerStub(b).Tokenize(tokenizer_pb2.TokenizeRequest(text=PROMPT))
         assert list(tokenized.token_ids) == tokenizer.encode(PROMPT)  # text work goes on without engines
+
+
+def test_a_full_engine_is_skipped_and_all_full_is_resource_exhausted(model_dir):
+    """An engine at its queue limit refuses with RESOURCE_EXHAUSTED: the tokenizer tries the next one, and
+    reports RESOURCE_EXHAUSTED (retry later), not UNAVAILABLE, when every engine is full."""
+    full = ServerProcess("engine", "--model", str(model_dir), "--max-num-seqs", "1", "--max-queue", "0").start()
+    spare = engine_process(model_dir).start()
+    try:
+        long_request = engine_pb2.GenerateRequest(
+            prompt_token_ids=[5, 6, 7], sampling=engine_pb2.SamplingParams(temperature=0.0),
+            stopping=engine_pb2.StoppingParams(max_tokens=LONG, ignore_eos=True))
+        with grpc.insecure_channel(full.address) as channel, grpc.insecure_channel(spare.address) as spare_channel:
+            # The full engine runs 1 request, the spare 2: the router tries the full one first.
+            occupying = [stub.Generate(long_request) for stub in (engine_pb2_grpc.EngineStub(channel),
+                         engine_pb2_grpc.EngineStub(spare_channel), engine_pb2_grpc.EngineStub(spare_channel))]
+            for call in occupying:
+                next(call)
+            for engines, expected in (((full,), grpc.StatusCode.RESOURCE_EXHAUSTED), ((full, spare), None)):
+                with tokenizer_process(model_dir, *engines) as front_door, \
+                        grpc.insecure_channel(front_door.address) as front_channel:
+                    stub = tokenizer_pb2_grpc.TextGenerationStub(front_channel)
+                    if expected is None:
+                        assert collect(stub.Generate(request("def f():", max_tokens=4)))[-1].finish_reason
+                    else:
+                        with pytest.raises(grpc.RpcError) as error:
+                            list(stub.Generate(request("def f():", max_tokens=4)))
+                        assert error.value.code() == expected
+            for call in occupying:
+                call.cancel()
+    finally:
+        full.stop()
+        spare.stop()

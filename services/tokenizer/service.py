@@ -164,16 +164,20 @@ class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
             engine_request.sampling.seed = request.sampling.seed + index  # distinct, reproducible samples
         if index > 0:
             engine_request.output.ClearField("prompt_logprobs")  # sent once, with index 0: the same for every sample
-        tried = []
+        tried, refusals = [], []
         for engine in self.router.candidates():
             tried.append(engine.address)
             try:
                 return await self._stream(engine, engine_request, request, request_id, index, prompt_ids, deadline,
                                           outputs)
             except _NotStarted as failure:
-                self.router.mark_down(engine)
-                log.warning("engine %s failed before streaming (%s); trying the next", engine.address, failure)
-        raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no engine is available (tried {', '.join(tried)})")
+                if failure.code is grpc.StatusCode.UNAVAILABLE:
+                    self.router.mark_down(engine)
+                log.warning("engine %s refused before streaming (%s); trying the next", engine.address, failure)
+                refusals.append(failure)
+        full = refusals and all(f.code is grpc.StatusCode.RESOURCE_EXHAUSTED for f in refusals)
+        raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE,
+                       f"no engine could take the request (tried {', '.join(tried)}): {refusals[-1] if refusals else ''}")
 
     async def _stream(self, engine: EngineHandle, engine_request, request, request_id, index, prompt_ids, deadline,
                       outputs):
@@ -210,9 +214,12 @@ class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
                 outputs.put_nowait(out)
                 if out.finish_reason != engine_pb2.FINISH_REASON_UNSPECIFIED:
                     return
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"engine {engine.address} ended the stream unfinished")
         except grpc.aio.AioRpcError as error:
-            if not started and error.code() == grpc.StatusCode.UNAVAILABLE:
-                raise _NotStarted(error.details()) from None
+            if not started and error.code() in RETRYABLE:
+                raise _NotStarted(error.code(), error.details()) from None
+            if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None and time.monotonic() >= deadline:
+                raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired") from None
             raise
         finally:
             engine.in_flight -= 1
@@ -229,8 +236,16 @@ class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
         return usage
 
 
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)  # before streaming: try another
+
+
 class _NotStarted(Exception):
-    """The engine failed before streaming anything: safe to retry on another."""
+    """The engine refused or failed before streaming anything: safe to retry on another."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+
 
 
 async def serve_tokenizer(model_dir: str, engines: list[str], port: int, *, host: str = "[::]",
