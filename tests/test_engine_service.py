@@ -203,3 +203,19 @@ def test_sigterm_drains_in_flight_streams(model_dir):
         assert server.process.wait(30) == 0
     finally:
         server.stop()
+
+
+def test_a_stalled_reader_does_not_stall_other_streams(stub):
+    """A client that stops reading fills its flow-control window and blocks its own handler; the engine and
+    every other stream go on (big top-20 logprob messages fill the window quickly)."""
+    stalled = stub.Generate(greedy(max_tokens=3000, request_id="stalled", output=engine_pb2.OutputOptions(logprobs=20)))
+    next(stalled)  # then never read again while the others run
+    try:
+        for _ in range(3):
+            tokens = [t for r in stub.Generate(greedy(max_tokens=50), timeout=60) for t in r.token_ids]
+            assert len(tokens) == 50
+        load = stub.GetLoad(engine_pb2.GetLoadRequest())
+        assert load.num_running == 1  # the stalled request is still alive, and not in anyone's way
+    finally:
+        stalled.cancel()
+    wait_idle(stub)
