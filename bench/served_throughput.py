@@ -3,13 +3,15 @@
     python bench/served_throughput.py                                # 64 requests, prompts 32-512, outputs 16-256
     python bench/served_throughput.py --requests 16 --scale 0.25     # a quick run
     python bench/served_throughput.py --via-tokenizer                # text prompts through `tessera tokenizer`
+    python bench/served_throughput.py --requests 16 --rounds 3       # a loaded machine: best of 3 each
 
-One run, side by side: the in-process engine runs the workload (greedy, EOS ignored), stepped on a second
-thread as the server steps it (--main-thread: also on the main thread, and the faster is the baseline); then a
-real `tessera engine` subprocess on 127.0.0.1 serves the same requests as concurrent Engine/Generate streams
-over grpc.aio. Then latency at a fixed request rate: Poisson arrivals (fixed seed), a bounded number of requests,
-time to first token and inter-token latency p50/p99 as the client sees them. The last line is the
-served / in-process throughput ratio (the goal is >= 0.9).
+One run, side by side, with a real `tessera engine` subprocess on 127.0.0.1 and an LLMEngine in this process
+(same model, same config): the in-process engine runs the workload (greedy, EOS ignored) stepped on a second
+thread, as the server's EngineLoop steps it (--main-thread: also on the main thread; the faster is the
+baseline), then the server gets the same requests as concurrent Engine/Generate streams over grpc.aio. --rounds N
+alternates the two N times and keeps the best of each (use it on a loaded machine). Then latency at a fixed
+request rate: Poisson arrivals (fixed seed), a bounded number of requests, time to first token and inter-token
+latency p50/p99 as the client sees them. The last line is the served / in-process throughput ratio (goal >= 0.9).
 
 --via-tokenizer sends text to tessera.tokenizer.v1.TextGeneration (tokenizer -> engine, two hops). The text is
 the workload's token ids, mapped into the demo tokenizer's vocabulary and decoded; the in-process engine gets
@@ -20,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import random
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -49,7 +49,7 @@ def scaled(low: int, high: int, scale: float) -> tuple[int, int]:
 
 
 class Client:
-    """One grpc.aio channel; `stream` yields (arrival time, number of new tokens, token ids) per response."""
+    """One grpc.aio channel to Engine/Generate (token ids) or, via_tokenizer, TextGeneration/Generate (text)."""
 
     def __init__(self, address: str, via_tokenizer: bool, timeout: float):
         self.channel = grpc.aio.insecure_channel(address)
@@ -80,39 +80,24 @@ class Client:
         await self.channel.close()
 
 
-def run_in_process(model_dir, prompts, output_lens, kv_cache_memory,
-                   main_thread: bool) -> tuple[dict[str, float], list[list[int]]]:
-    """Times engine.generate stepped on a second thread, as `tessera engine` steps it (and on the main thread).
+class InProcess:
+    """The baseline: an LLMEngine in this process, warmed up once."""
 
-    On a loaded machine the two can differ several-fold (PyTorch's OpenMP threads spinning on the main thread),
-    so the comparison is like for like: the thread. With main_thread, the faster of the two is the baseline.
-    """
-    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=kv_cache_memory))
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens]
-    times, outputs = {}, []
+    def __init__(self, model_dir, kv_cache_memory: int, warm_up_prompt: list[int]):
+        self.engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=kv_cache_memory))
+        self.engine.generate([warm_up_prompt], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
 
-    def timed(name):
-        engine.generate([prompts[0][:8]], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))  # warm-up
+    def run(self, prompts, output_lens) -> tuple[float, list[list[int]]]:
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens]
         start = time.perf_counter()
-        outputs.append([c.token_ids for c in engine.generate(prompts, params)])
-        times[name] = time.perf_counter() - start
-
-    thread = threading.Thread(target=timed, args=("engine thread",))
-    thread.start()
-    thread.join()
-    if main_thread:
-        timed("main thread")
-    del engine
-    gc.collect()
-    return times, outputs[0]
+        completions = self.engine.generate(prompts, params)
+        return time.perf_counter() - start, [c.token_ids for c in completions]
 
 
 async def run_served(client: Client, prompts, output_lens) -> tuple[float, list[list[int]]]:
-    await client.generate(prompts[0][:8], 2)  # warm-up: connect, first call
     start = time.perf_counter()
     results = await asyncio.gather(*(client.generate(p, n) for p, n in zip(prompts, output_lens)))
-    elapsed = time.perf_counter() - start
-    return elapsed, [tokens for tokens, _ in results]
+    return time.perf_counter() - start, [tokens for tokens, _ in results]
 
 
 async def run_at_rate(client: Client, prompts, output_lens, rate: float, seed: int):
@@ -151,14 +136,28 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:8.1f} ms"
 
 
-async def served_phase(args, address, served_prompts, output_lens, lat_prompts, lat_lens):
+async def measure(args, address, in_process: InProcess, engine_prompts, served_prompts, output_lens,
+                  lat_prompts, lat_lens):
+    """Alternates in-process and served runs for --rounds rounds, then the latency run."""
+    times = {"engine thread": [], "main thread": [], "served": []}
+    expected = tokens = None
     client = Client(address, args.via_tokenizer, args.timeout)
     try:
-        elapsed, tokens = await run_served(client, served_prompts, output_lens)
+        await client.generate(served_prompts[0][:8], 2)  # warm-up: connect, first call
+        for round_ in range(args.rounds):
+            # On a second thread, as `tessera engine` steps its engine (EngineLoop).
+            seconds, expected = await asyncio.to_thread(in_process.run, engine_prompts, output_lens)
+            times["engine thread"].append(seconds)
+            if args.main_thread:
+                times["main thread"].append(in_process.run(engine_prompts, output_lens)[0])
+            seconds, tokens = await run_served(client, served_prompts, output_lens)
+            times["served"].append(seconds)
+            print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v),
+                  flush=True)
         latency = await run_at_rate(client, lat_prompts, lat_lens, args.rate, args.seed)
     finally:
         await client.close()
-    return elapsed, tokens, latency
+    return {k: v for k, v in times.items() if v}, expected, tokens, latency
 
 
 def main():
@@ -173,6 +172,8 @@ def main():
     parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes, for both engines")
     parser.add_argument("--main-thread", action="store_true",
                         help="also time the in-process engine on the main thread (the faster is the baseline)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate in-process and served runs this many times; the best of each counts")
     parser.add_argument("--timeout", type=float, default=900.0, help="deadline of each gRPC call, seconds")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -193,36 +194,34 @@ def main():
           f"({total} output tokens), greedy, EOS ignored, fp32, {torch.get_num_threads()} torch threads; "
           f"served: {path}", flush=True)
 
-    in_process, expected = run_in_process(model_dir, engine_prompts, workload.output_lens, args.kv_cache_memory,
-                                          args.main_thread)
-    assert sum(map(len, expected)) == total
-    in_process_s = min(in_process.values())
-    print(f"in-process done ({', '.join(f'{k} {v:.1f} s' for k, v in in_process.items())}); starting the server(s)",
-          flush=True)
-
     engine_args = ["--model", str(model_dir), "--kv-cache-memory", str(args.kv_cache_memory)]
     with ServerProcess("engine", *engine_args) as engine:
         servers = [engine]
-        if args.via_tokenizer:
-            servers.append(ServerProcess("tokenizer", "--model", str(DEMO_TOKENIZER), "--engine", engine.address).start())
         try:
-            served_s, tokens, latency = asyncio.run(served_phase(
-                args, servers[-1].address, served_prompts, workload.output_lens, lat_prompts,
-                latency_workload.output_lens))
+            if args.via_tokenizer:
+                servers.append(ServerProcess("tokenizer", "--model", str(DEMO_TOKENIZER), "--engine",
+                                             engine.address).start())
+            in_process = InProcess(model_dir, args.kv_cache_memory, engine_prompts[0][:8])
+            times, expected, tokens, latency = asyncio.run(measure(
+                args, servers[-1].address, in_process, engine_prompts, served_prompts, workload.output_lens,
+                lat_prompts, latency_workload.output_lens))
         finally:
             for server in servers[1:]:
                 server.stop()
-    assert sum(map(len, tokens)) == total, "the served run returned a different number of tokens"
+    assert sum(map(len, expected)) == total and sum(map(len, tokens)) == total
     same = sum(a == b for a, b in zip(tokens, expected))
+    served_s = min(times.pop("served"))
+    baseline = min(times, key=lambda name: min(times[name]))
+    in_process_s = min(times[baseline])
     ttfts, gaps, lat_tokens, lat_wall = latency
-    ours, served = total / in_process_s, total / served_s
 
     print()
-    print(f"{'throughput':<38}{'tok/s':>10}{'seconds':>10}")
-    for name, seconds in in_process.items():
-        best = "   (baseline: the faster)" if seconds == in_process_s and len(in_process) > 1 else ""
-        print(f"{f'in-process LLMEngine, {name}':<38}{total / seconds:10.1f}{seconds:10.1f}{best}")
-    print(f"{f'served over gRPC ({args.requests} streams)':<38}{served:10.1f}{served_s:10.1f}"
+    rounds = f"best of {args.rounds} rounds" if args.rounds > 1 else "1 round"
+    print(f"{f'throughput ({rounds})':<38}{'tok/s':>10}{'seconds':>10}")
+    for name, seconds in times.items():
+        note = "   (the baseline: faster)" if name == baseline and len(times) > 1 else ""
+        print(f"{f'in-process LLMEngine, {name}':<38}{total / min(seconds):10.1f}{min(seconds):10.1f}{note}")
+    print(f"{f'served over gRPC ({args.requests} streams)':<38}{total / served_s:10.1f}{served_s:10.1f}"
           f"   same tokens as in-process: {same}/{args.requests} requests")
     print()
     print(f"latency over gRPC: {args.latency_requests} requests, Poisson {args.rate:g} req/s (seed {args.seed}), "
@@ -231,7 +230,7 @@ def main():
     for name, values in (("time to first token", ttfts), ("inter-token latency", gaps)):
         p50, p99 = np.percentile(values, [50, 99])
         print(f"{name:<38}{ms(p50):>11}{ms(p99):>11}")
-    print(f"served / in-process throughput: {served / ours:.2f}x (goal >= 0.9)")
+    print(f"served / in-process throughput: {in_process_s / served_s:.2f}x (goal >= 0.9)")
 
 
 if __name__ == "__main__":

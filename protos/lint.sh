@@ -5,7 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 export npm_config_loglevel=error
-buf() { npx --yes "@bufbuild/buf@1.75.0" "$@"; }
+local_buf=../clients/node/node_modules/.bin/buf  # the same pinned version, from `npm ci --prefix clients/node`
+if [ -x "$local_buf" ]; then
+    buf() { "$local_buf" "$@"; }
+else
+    buf() { npx --yes "@bufbuild/buf@1.75.0" "$@"; }
+fi
 buf lint
 buf format --diff --exit-code
 buf build -o /dev/null
