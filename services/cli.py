@@ -29,7 +29,8 @@ def parse_bytes(text: str) -> int:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face checkpoint directory "
                         "(default: $TESSERA_MODEL or the repository's demo model)")
-    parser.add_argument("--device", default=os.environ.get("TESSERA_DEVICE", "cpu"), help="cpu (default)")
+    parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "tpu"],
+                        help="where the model runs (default: $TESSERA_DEVICE, else auto: cuda, then tpu, then cpu)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--kv-cache-memory", type=parse_bytes, default=parse_bytes("1GiB"),
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-model-len", type=int, default=None)
     engine.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
     engine.add_argument("--no-prefix-caching", action="store_true")
+    engine.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
 
     worker = roles.add_parser("worker", help="a worker: model weights, KV tensors, sampler")
     add_model_args(worker)
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = roles.add_parser("up", help="every role on this machine, as child processes")
     up.add_argument("--model", default=DEFAULT_MODEL)
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="the tokenizer's public port")
-    up.add_argument("--device", default=os.environ.get("TESSERA_DEVICE", "cpu"))
+    up.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "tpu"])
 
     health = roles.add_parser("health", help="exit 0 if a tessera server reports SERVING (for container probes)")
     health.add_argument("--address", default=f"localhost:{DEFAULT_PORT}")
@@ -104,7 +106,7 @@ def run_engine(args) -> None:
         model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
     )
     asyncio.run(serve_engine(config, args.port, worker_address=(args.worker or [None])[0], host=args.host,
                              metrics_port=args.metrics_port, max_queue=args.max_queue, grace_seconds=args.grace))
@@ -131,7 +133,8 @@ def run_up(args) -> int:
     engine_port = args.port + 1
     base = [sys.executable, "-m", "tessera.cli"]
     children = [
-        subprocess.Popen([*base, "engine", "--model", args.model, "--device", args.device, "--port", str(engine_port)]),
+        subprocess.Popen([*base, "engine", "--model", args.model, "--port", str(engine_port),
+                          *(["--device", args.device] if args.device else [])]),
         subprocess.Popen([*base, "tokenizer", "--model", args.model, "--engine", f"localhost:{engine_port}",
                           "--port", str(args.port)]),
     ]

@@ -104,3 +104,17 @@ def test_compose_and_dockerfile_commands_are_valid_tessera_invocations():
     for command in commands:
         args = parser.parse_args(command)
         assert args.command in {"engine", "tokenizer", "worker", "health"}, shlex.join(command)
+
+
+def test_compose_runs_one_engine_per_profile_behind_the_name_the_tokenizer_dials():
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    parser = build_parser()
+    tokenizer = parser.parse_args(compose["tokenizer"]["command"])
+    engines = {name: svc for name, svc in compose.items() if name.startswith("engine-")}
+    assert sorted(svc["profiles"][0] for svc in engines.values()) == ["cpu", "cuda", "tpu"]
+    for name, svc in engines.items():
+        args = parser.parse_args(svc["command"])
+        assert svc["networks"]["default"]["aliases"] == ["engine"]
+        assert tokenizer.engine == [f"engine:{args.port}"] and args.device == svc["profiles"][0]
+    assert "COMPOSE_PROFILES=cpu" in (REPO / ".env").read_text()  # plain `docker compose up` is the CPU one

@@ -35,7 +35,7 @@ class WorkerClient(Protocol):
 class EngineConfig:
     model: str
     dtype: str | None = None
-    device: str = "cpu"
+    device: str | None = "cpu"  # None: $TESSERA_DEVICE, else auto
     block_size: int = 16
     kv_cache_memory: int = 1 << 30
     num_kv_blocks: int | None = None
@@ -44,9 +44,11 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own
     enable_prefix_caching: bool = True
     max_logprobs: int = 20
+    enforce_eager: bool = False  # CUDA: no CUDA graphs
 
     def worker_config(self) -> WorkerConfig:
-        return WorkerConfig(self.model, self.dtype, self.device, self.block_size, self.kv_cache_memory, self.num_kv_blocks)
+        return WorkerConfig(self.model, self.dtype, self.device, self.block_size, self.kv_cache_memory,
+                            self.num_kv_blocks, self.enforce_eager)
 
 
 @dataclass
