@@ -3,10 +3,10 @@
 Each program owns one tile of one request's query tokens, for one KV head and every query head that shares it
 (GQA/MQA: the group's queries are stacked as extra rows, so the keys and values are read once per group). It
 walks the request's context through its block table, BLOCK_N positions at a time, with an online softmax
-(FlashAttention): keep the running max `m`, the running sum `l` and the unnormalized output `acc`, rescale them
-when the max grows, divide once at the end. A prefill chunk and a decode are the same thing here: query j of a
-request sits at position seq_len - q_len + j and sees the keys at positions <= its own (and, with a sliding
-window, > its own - window).
+(FlashAttention): keep each row's running max, running sum of exponentials and unnormalized output, rescale
+them when the max grows, divide once at the end. A prefill chunk and a decode are the same thing here: query j
+of a request sits at position seq_len - q_len + j and sees the keys at positions <= its own (and, with a
+sliding window, > its own - window).
 
 The key tile is gathered position by position (block id from the table, then the slot inside the block), so the
 tile size does not depend on the block size, and any block table, in any order, works. Block ids are widened to
@@ -20,6 +20,15 @@ import triton.language as tl
 
 # A window longer than any context, so "no window" needs no separate code path.
 NO_WINDOW = 1 << 30
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Triton's interpreter (3.9) multiplies bfloat16 bit patterns as integers in tl.dot. There the operands are
+    # widened first; the result is the same, since a GPU also multiplies 16-bit inputs exactly into float32.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -38,6 +47,7 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr,  # query tokens per tile; rows per tile = BLOCK_Q * GROUP_PAD
     BLOCK_N: tl.constexpr,  # context positions per step
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     q_tile, kv_head, req = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + req)
@@ -65,9 +75,9 @@ def _paged_attention_kernel(
     hi = tl.minimum(seq_len, first_q + BLOCK_Q)
     lo = tl.maximum(first_q - window + 1, 0)
 
-    # Finite start for the max: a row that sees nothing yet gives exp2(-inf - m) = 0, never NaN.
-    m = tl.full([BLOCK_Q * GROUP_PAD], -1.0e30, dtype=tl.float32)
-    l = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    # A finite start for the max: a row that sees nothing yet gets exp2(-inf - max) = 0, never NaN.
+    row_max = tl.full([BLOCK_Q * GROUP_PAD], -1.0e30, dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_PAD], dtype=tl.float32)
     table = block_tables_ptr + req.to(tl.int64) * stride_bt
     for start in range(lo, hi, BLOCK_N):
@@ -79,19 +89,22 @@ def _paged_attention_kernel(
         k = tl.load(k_cache_ptr + kv_offsets[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_offsets[:, None] + d[None, :], mask=kv_mask, other=0.0)
 
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
         visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window) & k_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        alpha = tl.exp2(row_max - new_max)  # rescales what was summed under the old max
+        p = tl.exp2(s - new_max[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        row_max = new_max
 
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # rows that saw nothing (padding) come out as 0
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]  # rows that saw nothing (padding) come out as 0
     out_offsets = token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+_INTERPRETED = not isinstance(_paged_attention_kernel, triton.runtime.JITFunction)  # TRITON_INTERPRET=1
 
 
 def paged_attention(
@@ -131,5 +144,6 @@ def paged_attention(
         BLOCK_Q=block_q, BLOCK_N=64 if head_dim <= 128 and q.element_size() <= 2 else 32,
         # fp32 models get true fp32 products (the default on GPUs would be TF32); 16-bit types ignore it.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=_INTERPRETED and q.dtype == torch.bfloat16,
     )
     return out

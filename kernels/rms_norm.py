@@ -36,7 +36,7 @@ def _add_rms_norm_kernel(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(x + residual), x + residual) for x, residual [num_tokens, hidden]; without a residual, (RMSNorm(x), x)."""
+    """(RMSNorm(x + residual), x + residual) for x, residual [num_tokens, hidden]; with no residual, (RMSNorm(x), x)."""
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1)
     num_tokens, hidden = x.shape
     out = torch.empty_like(x)

@@ -77,7 +77,8 @@ def _cuda_device(name: str) -> torch.device:
         raise DeviceError(f"device '{name}': no CUDA GPU is visible (check nvidia-smi, the driver and "
                           "CUDA_VISIBLE_DEVICES), or run with --device cpu")
     if not _has_triton():
-        raise DeviceError(f"device '{name}' runs attention with Triton, which is not installed: `pip install -e .[cuda]`")
+        raise DeviceError(f"device '{name}' runs attention with Triton, which is not installed: "
+                          "`pip install -e .[cuda]`")
     try:
         device = torch.device(name)
     except RuntimeError as e:

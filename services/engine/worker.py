@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from tessera.engine.attention.backend import AttentionBackend, AttentionMetadata
-from tessera.engine.attention.torch_backend import TorchAttentionBackend
 from tessera.engine.checkpoint import load_model
+from tessera.engine.device import attention_backend_for, default_dtype_for, resolve_device
 from tessera.engine.model_config import ModelConfig
 from tessera.engine.sampler import Sampler, SamplingRow, top_logprobs
 from tessera.engine.sampling_params import SamplingParams
@@ -24,11 +24,12 @@ log = logging.getLogger("tessera.worker")
 @dataclass
 class WorkerConfig:
     model: str
-    dtype: str | None = None  # None: the checkpoint's own
-    device: str = "cpu"
+    dtype: str | None = None  # None: the checkpoint's own on CPU, bfloat16 on CUDA
+    device: str = "cpu"  # auto, cpu, cuda, tpu (see device.py)
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes of KV tensors; the block count follows from it
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use few blocks to force preemption)
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
 
 
 @dataclass
@@ -42,9 +43,10 @@ class _RequestState:
 
 class Worker:
     def __init__(self, config: WorkerConfig, attn_backend: AttentionBackend | None = None):
-        self.device = torch.device(config.device)
-        self.attn_backend = attn_backend or TorchAttentionBackend()
-        self.model, self.model_config = load_model(config.model, self.attn_backend, config.dtype, self.device)
+        self.device = resolve_device(config.device)
+        self.attn_backend = attn_backend or attention_backend_for(self.device)
+        dtype = config.dtype if config.dtype not in (None, "auto") else default_dtype_for(self.device)
+        self.model, self.model_config = load_model(config.model, self.attn_backend, dtype, self.device)
         mc: ModelConfig = self.model_config
         self.block_size = config.block_size
         bytes_per_block = mc.kv_bytes_per_token * config.block_size
@@ -58,6 +60,14 @@ class Worker:
         )
         self.sampler = Sampler(mc.vocab_size, mc.eos_token_ids)
         self.requests: dict[str, _RequestState] = {}
+        self.cuda_graphs = None
+        graphs_ok = getattr(self.attn_backend, "supports_cuda_graphs", False)
+        if self.device.type == "cuda" and graphs_ok and not config.enforce_eager:
+            from tessera.engine.cuda_graphs import CudaGraphRunner
+
+            self.cuda_graphs = CudaGraphRunner(self.model, self.kv_caches, self.block_size, mc.max_model_len)
+            self.cuda_graphs.capture()
+            log.info("CUDA graphs captured for decode batch sizes %s", self.cuda_graphs.batch_sizes)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -87,7 +97,10 @@ class Worker:
             query_lens.append(num_new)
             seq_lens.append(end)
         meta = self._metadata(states, positions, request_index, query_lens, seq_lens)
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
+        if self.cuda_graphs is not None and self.cuda_graphs.fits(meta):
+            hidden = self.cuda_graphs.run(self._tensor(input_ids), self._tensor(positions), meta)
+        else:
+            hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
 
         # Which hidden rows need logits: the last token of each request that completes its context (to sample),
         # and every prompt position of a chunk whose request asked for prompt logprobs.
@@ -147,10 +160,12 @@ class Worker:
 
     def _metadata(self, states, positions, request_index, query_lens, seq_lens) -> AttentionMetadata:
         max_blocks = max(len(state.block_ids) for state in states)
-        block_tables = self._tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in states], torch.int32)
+        # Built on the host, so that the slot mapping does not wait on a copy back from the device.
+        rows = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in states]
+        block_tables = torch.tensor(rows, dtype=torch.int32)
         positions_t = torch.tensor(positions, dtype=torch.long)
         request_index_t = torch.tensor(request_index, dtype=torch.long)
-        block_of_token = block_tables.cpu()[request_index_t, positions_t // self.block_size].to(torch.long)
+        block_of_token = block_tables[request_index_t, positions_t // self.block_size].to(torch.long)
         slot_mapping = block_of_token * self.block_size + positions_t % self.block_size
         query_start_loc = [0]
         for q in query_lens:
@@ -158,7 +173,7 @@ class Worker:
         return AttentionMetadata(
             query_start_loc=self._tensor(query_start_loc, torch.int32),
             seq_lens=self._tensor(seq_lens, torch.int32),
-            block_tables=block_tables,
+            block_tables=block_tables.to(self.device),
             slot_mapping=slot_mapping.to(self.device),
             num_decodes=sum(1 for q in query_lens if q == 1),
             query_lens_cpu=query_lens,
