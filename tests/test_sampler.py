@@ -339,3 +339,24 @@ def test_top_k_ranks_negative_zero_and_banned_logits_correctly():
     rows = [make_row(temperature=3.0, top_k=4)] * draws
     tokens = make_sampler(vocab=8)(logits.expand(draws, -1), rows).token_ids
     assert set(tokens.tolist()) == {4, 1, 6, 2}
+
+
+def test_top_p_candidates_shortcut_filters_exactly_like_the_full_sort():
+    """Top-p without top-k first tries a partial sort of a few candidates; whether the nucleus fits there or
+    not (then it falls back), the mask must be the full sort's."""
+    from tessera.engine.sampler import _apply_top_k_top_p
+
+    torch.manual_seed(0)
+    peaked = torch.randn(6, 5000) * 6.0  # a trained model's shape: the nucleus is a few dozen tokens
+    flat = torch.randn(3, 5000) * 0.1  # a random model's: the nucleus is most of the vocabulary
+    for logits, top_k, top_p in (
+        (peaked, [0, 0, -1, 20, 0, 0], [0.9, 0.5, 0.99, 0.8, 1.0 - 1e-6, 0.95]),
+        (flat, [0, 0, 0], [0.9, 0.5, 0.3]),
+        (torch.cat([peaked[:2], flat[:1]]), [0, 0, 0], [0.9, 0.9, 0.9]),  # one row does not fit: all fall back
+    ):
+        shortcut = _apply_top_k_top_p(logits.clone(), top_k, top_p, candidates=64)
+        full = _apply_top_k_top_p(logits.clone(), top_k, top_p, candidates=10**9)
+        assert torch.equal(shortcut.isinf(), full.isinf())
+        assert torch.equal(shortcut[~shortcut.isinf()], full[~full.isinf()])
+    kept = (~_apply_top_k_top_p(peaked.clone(), [0] * 6, [0.9] * 6, candidates=64).isinf()).sum(-1)
+    assert (kept < 64).all() and (kept > 1).any()  # the shortcut really was taken and really filtered

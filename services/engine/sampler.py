@@ -197,20 +197,44 @@ class Sampler:
         return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") % 2**63)
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+NUCLEUS_CANDIDATES = 1024  # a trained model's top-p nucleus nearly always lies within this many tokens
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float],
+                       candidates: int = NUCLEUS_CANDIDATES) -> torch.Tensor:
     """Masks to -inf what top-k (k <= 0: off) and then top-p (1: off) exclude, with one partial sort."""
     vocab = logits.shape[-1]
-    kept = [min(k, vocab) if k > 0 else vocab for k in top_k]  # validation lets top_k exceed the vocabulary
+    kept = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=logits.device)
+    p = torch.tensor(top_p, device=logits.device)[:, None]
     # Only the best max(k) tokens can survive, and on CPU a partial sort (topk) is many times cheaper than
     # a full one. Unique ranking keys keep tied logits from ranking differently as that max (the batch) changes.
-    order = _ranking_keys(logits).topk(max(kept), dim=-1).indices
-    sorted_logits = logits.gather(-1, order)
+    keys = _ranking_keys(logits)
+    width = int(kept.max())
+    whole_vocab = log_total = None
+    if width > candidates:
+        # A row without top-k would need the full sort, unless its nucleus fits in the first `candidates`
+        # tokens, which we can check exactly: their share of the whole distribution reaches top_p.
+        order = keys.topk(candidates, dim=-1).indices
+        sorted_logits = logits.gather(-1, order)
+        log_total = logits.logsumexp(dim=-1, keepdim=True)
+        mass = (sorted_logits - log_total).exp().sum(dim=-1)
+        whole_vocab = kept == vocab
+        fits = (kept <= candidates) | (whole_vocab & (p[:, 0] < 1.0) & (mass >= p[:, 0]))
+        if bool(fits.all()):
+            width = candidates
+        else:
+            whole_vocab = None
+    if width != candidates or whole_vocab is None:
+        order = keys.topk(width, dim=-1).indices
+        sorted_logits = logits.gather(-1, order)
     rank = torch.arange(order.shape[-1], device=logits.device)
-    sorted_logits.masked_fill_(rank >= torch.tensor(kept, device=logits.device)[:, None], -math.inf)
+    sorted_logits.masked_fill_(rank >= kept[:, None], -math.inf)
     # Top-p over what top-k left: drop a token once the more likely ones already reach top_p, which always
     # keeps the first. Rows with top_p == 1 skip it, so rounding in the cumsum cannot trim their tail.
-    p = torch.tensor(top_p, device=logits.device)[:, None]
     probs = sorted_logits.softmax(dim=-1)
+    if whole_vocab is not None and bool(whole_vocab.any()):
+        # Only the candidates are here, but these rows' probabilities are shares of the whole vocabulary.
+        probs[whole_vocab] = (sorted_logits[whole_vocab] - log_total[whole_vocab]).exp()
     mass_before = probs.cumsum(dim=-1) - probs
     sorted_logits.masked_fill_((mass_before >= p) & (p < 1.0), -math.inf)
     return torch.full_like(logits, -math.inf).scatter_(-1, order, sorted_logits)
