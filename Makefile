@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint protos up bench demo-model clean
+.PHONY: install test test-xla lint protos up bench demo-model clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,21 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# The XLA lane: the TPU path on torch-xla with PJRT_DEVICE=CPU, in its own venv outside the clone (torch 2.9 for
+# torch_xla 2.9, about 7 GB and a few minutes the first time). TESSERA_XLA_VENV moves it.
+TESSERA_XLA_VENV ?= $(HOME)/.cache/tessera/venv-xla
+XLA_STAMP := $(TESSERA_XLA_VENV)/.installed-torch_xla-2.9.0
+
+$(XLA_STAMP): pyproject.toml
+	test -x $(TESSERA_XLA_VENV)/bin/python || $(PYTHON) -m venv $(TESSERA_XLA_VENV)
+	$(TESSERA_XLA_VENV)/bin/pip install -q --upgrade pip
+	$(TESSERA_XLA_VENV)/bin/pip install -q torch==2.9.0 torch_xla==2.9.0 -e ".[test]"
+	touch $(XLA_STAMP)
+
+test-xla: $(XLA_STAMP)
+	$(TESSERA_XLA_VENV)/bin/pip install -q -e . --no-deps  # the shared venv may point at another clone
+	PJRT_DEVICE=CPU $(TESSERA_XLA_VENV)/bin/python -m pytest -q tests/xla -s
 
 lint: $(STAMP)
 	protos/lint.sh

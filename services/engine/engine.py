@@ -51,6 +51,17 @@ class EngineConfig:
                             self.num_kv_blocks, self.enforce_eager)
 
 
+def make_worker(config: EngineConfig) -> WorkerClient:
+    """The in-process worker for the configured device: XLA needs its own static-shape runner."""
+    from tessera.engine.device import resolve_device
+
+    if resolve_device(config.device).type == "xla":
+        from tessera.engine.xla.model_runner import XlaWorker, xla_config_for
+
+        return XlaWorker(config.worker_config(), xla_config_for(config))
+    return Worker(config.worker_config())
+
+
 @dataclass
 class Completion:
     """A finished request, as the blocking helper returns it."""
@@ -66,7 +77,7 @@ class Completion:
 class LLMEngine:
     def __init__(self, config: EngineConfig, worker: WorkerClient | None = None):
         self.config = config
-        self.worker = worker or Worker(config.worker_config())
+        self.worker = worker or make_worker(config)
         self.model_config = self.worker.model_config
         max_model_len = min(config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
         self.max_model_len = max_model_len

@@ -69,8 +69,8 @@ class Worker:
             self.cuda_graphs.capture()
             log.info("CUDA graphs captured for decode batch sizes %s", self.cuda_graphs.batch_sizes)
 
-    @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def _apply_plan(self, plan: StepPlan) -> None:
+        """Brings the cached request state up to date with the plan's deltas."""
         for request_id in plan.finished_request_ids:
             self.requests.pop(request_id, None)
         for new in plan.new_requests:
@@ -79,6 +79,10 @@ class Worker:
             )
         for request_id, block_ids in plan.new_block_ids.items():
             self.requests[request_id].block_ids.extend(block_ids)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        self._apply_plan(plan)
         if not plan.num_scheduled_tokens:
             return StepResult()
 

@@ -35,6 +35,8 @@ class XlaAttentionMetadata(AttentionMetadata):
 
 
 class XlaAttentionBackend(AttentionBackend):
+    """Reads XlaAttentionMetadata, which only the XlaWorker (xla/model_runner.py) builds."""
+
     name = "xla"
 
     def __init__(self, use_kernel: bool | None = None):
@@ -49,11 +51,7 @@ class XlaAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, meta: XlaAttentionMetadata, scale, sliding_window=None):
         write_kv(k, v, kv_cache, meta.slot_mapping)
-        # Unpadded metadata (the plain Worker's) works too, at the cost of a new graph for every new shape.
-        num_seqs = getattr(meta, "num_seqs", None)
-        if num_seqs is None:
-            num_seqs = torch.tensor([meta.num_reqs], dtype=torch.int32, device=q.device)
-        args = (q, kv_cache, meta.seq_lens, meta.block_tables, meta.query_start_loc, num_seqs)
+        args = (q, kv_cache, meta.seq_lens, meta.block_tables, meta.query_start_loc, meta.num_seqs)
         if self.use_kernel:
             import torch_xla.experimental.custom_kernel  # noqa: F401  (registers torch.ops.xla.ragged_paged_attention)
 

@@ -1,7 +1,7 @@
 """Bucket sizes that token and request counts are padded to, so that XLA sees a few static shapes.
 
-Doubling from the smallest size up to `padding_gap`, then multiples of `padding_gap`: small batches waste little padding, large ones
-need few graphs. The last bucket is `max_size` itself, so every count up to it fits:
+Sizes double from `min_size` while they stay within `padding_gap`, then grow by multiples of it: small batches
+waste little padding, large ones need few graphs. The last bucket is `max_size` itself, so every count fits:
 
 >>> padding_buckets(16, 1000, 256)
 [16, 32, 64, 128, 256, 512, 768, 1000]
@@ -19,16 +19,11 @@ def padding_buckets(min_size: int, max_size: int, padding_gap: int) -> list[int]
     """Ascending sizes from min_size to max_size (both included); padding_gap <= 0 means powers of two only."""
     if not 1 <= min_size <= max_size:
         raise ValueError(f"bucket sizes need 1 <= min_size <= max_size, got {min_size} and {max_size}")
-    buckets, size = [], min_size
-    while size < max_size and (padding_gap <= 0 or size < padding_gap):
-        buckets.append(size)
-        size *= 2
-    if padding_gap > 0:
-        size = -(-size // padding_gap) * padding_gap  # the next multiple of the gap
-        while size < max_size:
-            buckets.append(size)
-            size += padding_gap
-    buckets.append(max_size)
+    buckets = [min_size]
+    while buckets[-1] < max_size:
+        last = buckets[-1]
+        doubling = padding_gap <= 0 or 2 * last <= padding_gap
+        buckets.append(min(2 * last if doubling else (last // padding_gap + 1) * padding_gap, max_size))
     return buckets
 
 
