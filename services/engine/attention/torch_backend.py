@@ -20,7 +20,7 @@ def gather_context(kv_plane: torch.Tensor, block_table: torch.Tensor, length: in
     """[length, num_kv_heads, head_dim] keys (or values) of one request, in position order."""
     block_size = kv_plane.shape[1]
     num_blocks = -(-length // block_size)
-    return kv_plane[block_table[:num_blocks]].flatten(0, 1)[:length]
+    return kv_plane.index_select(0, block_table[:num_blocks]).flatten(0, 1)[:length]
 
 
 DECODE_GROUP = 16  # decodes attended together; sorted by length, so padding stays small
@@ -58,9 +58,11 @@ class TorchAttentionBackend(AttentionBackend):
         max_len = max(meta.seq_lens_cpu[first:last])
         block_size = kv_cache.shape[2]
         num_blocks = -(-max_len // block_size)
-        tables = meta.block_tables[first:last, :num_blocks].to(torch.long)
-        keys = kv_cache[0][tables].flatten(1, 2)[:, :max_len]  # [n, max_len, kv_heads, head_dim]
-        values = kv_cache[1][tables].flatten(1, 2)[:, :max_len]
+        blocks = meta.block_tables[first:last, :num_blocks].flatten()
+        # index_select on the block axis gathers several times faster than advanced indexing on CPU.
+        context = (last - first, num_blocks * block_size, *kv_cache.shape[3:])
+        keys = kv_cache[0].index_select(0, blocks).view(context)[:, :max_len]  # [n, max_len, kv_heads, head_dim]
+        values = kv_cache[1].index_select(0, blocks).view(context)[:, :max_len]
         k_pos = torch.arange(max_len).unsqueeze(0)
         mask = k_pos < seq_lens.unsqueeze(1)
         if sliding_window is not None:
