@@ -131,7 +131,7 @@ def run_tokenizer(args) -> None:
 def run_up(args) -> int:
     """Engine and tokenizer as children; Ctrl-C or SIGTERM stops them both, cleanly."""
     engine_port = args.port + 1
-    base = [sys.executable, "-m", "tessera.cli"]
+    base = [sys.executable, "-m", "tessera.cli", "--log-level", args.log_level]
     children = [
         subprocess.Popen([*base, "engine", "--model", args.model, "--port", str(engine_port),
                           *(["--device", args.device] if args.device else [])]),
