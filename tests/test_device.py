@@ -9,7 +9,8 @@ import types
 
 import pytest
 import torch
-from test_engine import NEW_TOKENS, hf_model, random_prompts
+from hf_reference import assert_greedy_matches_transformers
+from test_engine import NEW_TOKENS, random_prompts
 from tiny_checkpoints import PRESETS, preset_checkpoint
 
 from tessera.engine import device as device_module
@@ -130,22 +131,7 @@ def test_cuda_greedy_tokens_and_logprobs_match_transformers(tmp_path_factory, pr
                                     kv_cache_memory=1 << 22))
     assert engine.worker.attn_backend.name == "triton" and engine.worker.cuda_graphs is not None
     completions = engine.generate(prompts, params)
-
-    model = hf_model(model_dir)
-    for prompt, completion in zip(prompts, completions):
-        with torch.inference_mode():
-            out = model.generate(
-                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                do_sample=False, max_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True,
-            )
-        expected = out.sequences[0, len(prompt):].tolist()
-        assert completion.token_ids == expected
-        for step in range(4):
-            reference = torch.log_softmax(out.logits[step][0].float(), dim=-1)
-            values, ids = reference.topk(5)
-            ours = completion.logprobs[step]
-            assert [token for token, _ in ours.top] == ids.tolist()
-            assert [value for _, value in ours.top] == pytest.approx(values.tolist(), abs=1e-3)
+    assert_greedy_matches_transformers(model_dir, prompts, completions, NEW_TOKENS, atol=1e-3)
 
 
 @CUDA_ONLY

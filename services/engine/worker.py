@@ -154,7 +154,8 @@ class Worker:
 
     def _prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[str, int]], result: StepResult) -> None:
         log_probs = torch.log_softmax(logits, dim=-1)
-        chosen = log_probs.gather(1, self._tensor([t for _, t in targets]).unsqueeze(1)).squeeze(1).tolist()
+        targets_t = torch.tensor([t for _, t in targets], device=logits.device)
+        chosen = log_probs.gather(1, targets_t.unsqueeze(1)).squeeze(1).tolist()
         k = max(self.requests[request_id].params.prompt_logprobs for request_id, _ in targets)
         top_ids, top_values = top_logprobs(logits, k) if k else (None, None)
         for i, (request_id, token_id) in enumerate(targets):

@@ -204,19 +204,8 @@ class XlaWorker(Worker):
         if host_sampling:
             self._sample(all_logits[host_sample_rows], host_sampling, result)
         if prompt_rows:
-            self._host_prompt_logprobs(all_logits[prompt_rows], prompt_targets, result)
+            self._prompt_logprobs(all_logits[prompt_rows], prompt_targets, result)
         return result
-
-    def _host_prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[str, int]], result: StepResult) -> None:
-        """Worker._prompt_logprobs on host logits (that one builds its index tensors on the worker's device)."""
-        log_probs = torch.log_softmax(logits, dim=-1)
-        chosen = log_probs.gather(1, torch.tensor([[t] for _, t in targets])).squeeze(1).tolist()
-        k = max(self.requests[request_id].params.prompt_logprobs for request_id, _ in targets)
-        top_ids, top_values = top_logprobs(logits, k) if k else (None, None)
-        for i, (request_id, token_id) in enumerate(targets):
-            n = self.requests[request_id].params.prompt_logprobs
-            top = list(zip(top_ids[i, :n].tolist(), top_values[i, :n].tolist())) if n else []
-            result.prompt_logprobs.setdefault(request_id, []).append(TokenLogprobs(token_id, chosen[i], top))
 
     def _needs_host(self, state: _RequestState, num_new: int) -> bool:
         prompt_logprobs = (state.params.prompt_logprobs is not None
