@@ -220,3 +220,30 @@ def test_unset_optionals_stay_none_and_python_floats_arrive_as_float32():
     assert back.temperature == pytest.approx(0.7, rel=1e-7) and back.logit_bias == {5: pytest.approx(0.1, rel=1e-7)}
     zero = params_from_proto(params_to_proto(SamplingParams(seed=0, logprobs=0, prompt_logprobs=0)))
     assert (zero.seed, zero.logprobs, zero.prompt_logprobs) == (0, 0, 0)  # zero is set, not unset
+
+
+def test_engine_service_over_a_remote_worker_reports_a_dead_worker_as_unavailable(model_dir):
+    """`tessera engine --worker ADDR`: the same tokens as in-process, UNAVAILABLE naming the worker once it dies,
+    and the engine itself keeps answering."""
+    from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
+
+    expected = local_engine(model_dir).generate([[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=12,
+                                                                                 ignore_eos=True))[0].token_ids
+    request = engine_pb2.GenerateRequest(prompt_token_ids=[5, 6, 7, 8], sampling=engine_pb2.SamplingParams(
+        temperature=0.0), stopping=engine_pb2.StoppingParams(max_tokens=12, ignore_eos=True))
+    worker_server = worker_process(model_dir).start()
+    try:
+        with ServerProcess("engine", "--model", str(model_dir), "--worker", worker_server.address) as engine, \
+                grpc.insecure_channel(engine.address) as channel:
+            stub = engine_pb2_grpc.EngineStub(channel)
+            assert [t for r in stub.Generate(request, timeout=60) for t in r.token_ids] == expected
+            worker_server.process.kill()
+            worker_server.process.wait()
+            with pytest.raises(grpc.RpcError) as error:
+                list(stub.Generate(request, timeout=60))
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert worker_server.address in error.value.details()
+            load = stub.GetLoad(engine_pb2.GetLoadRequest(), timeout=10)
+            assert load.num_running == 0 and load.kv_blocks_in_use == 0
+    finally:
+        worker_server.stop()
