@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
+	# The Node client test and buf (lint, buf curl): pinned in clients/node/package-lock.json.
+	if command -v npm >/dev/null; then npm ci --prefix clients/node --no-audit --no-fund; \
+	else echo "npm not found: the Node client test will be skipped"; fi
 	touch $(STAMP)
 
 install: $(STAMP)
