@@ -1,6 +1,7 @@
 """The `tessera` command as a user runs it: `up`, `generate`, `health`, Ctrl-C; and the deploy files' commands."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -85,7 +86,7 @@ def test_generate_reports_an_unreachable_server_clearly():
 
 def test_byte_sizes():
     assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("512MiB") == 512 << 20 and parse_bytes("1e9") == 10**9
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         parse_bytes("lots")
 
 
@@ -113,7 +114,7 @@ def test_compose_runs_one_engine_per_profile_behind_the_name_the_tokenizer_dials
     tokenizer = parser.parse_args(compose["tokenizer"]["command"])
     engines = {name: svc for name, svc in compose.items() if name.startswith("engine-")}
     assert sorted(svc["profiles"][0] for svc in engines.values()) == ["cpu", "cuda", "tpu"]
-    for name, svc in engines.items():
+    for svc in engines.values():
         args = parser.parse_args(svc["command"])
         assert svc["networks"]["default"]["aliases"] == ["engine"]
         assert tokenizer.engine == [f"engine:{args.port}"] and args.device == svc["profiles"][0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-import pytest
 import torch
 
 from servers import ServerProcess

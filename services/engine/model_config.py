@@ -198,7 +198,7 @@ def _dtype(requested: str | torch.dtype | None, config: dict, config_path: Path)
     try:
         return parse_dtype(name)
     except ValueError:
-        raise CheckpointError(f"{config_path}: dtype '{name}' is not supported (float32, bfloat16 or float16)")
+        raise CheckpointError(f"{config_path}: dtype '{name}' is not supported (float32, bfloat16 or float16)") from None
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

@@ -28,7 +28,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from tessera.engine.attention.xla_backend import XlaAttentionBackend, XlaAttentionMetadata
-from tessera.engine.sampler import top_logprobs
 from tessera.engine.step import StepPlan, StepResult, TokenLogprobs
 from tessera.engine.worker import Worker, WorkerConfig, _RequestState
 from tessera.engine.xla.buckets import padding_buckets, pick_bucket
