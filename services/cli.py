@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(engine, DEFAULT_PORT + 1)
     engine.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                         help="drive a remote worker instead of an in-process one")
+    engine.add_argument("--worker-step-timeout", type=float, default=120.0,
+                        help="seconds a remote worker may take for one step before it counts as down")
     engine.add_argument("--max-num-seqs", type=int, default=128)
     engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
     engine.add_argument("--max-model-len", type=int, default=None)
@@ -109,7 +111,8 @@ def run_engine(args) -> None:
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
     )
     asyncio.run(serve_engine(config, args.port, worker_address=(args.worker or [None])[0], host=args.host,
-                             metrics_port=args.metrics_port, max_queue=args.max_queue, grace_seconds=args.grace))
+                             metrics_port=args.metrics_port, max_queue=args.max_queue, grace_seconds=args.grace,
+                             worker_step_timeout=args.worker_step_timeout))
 
 
 def run_worker(args) -> None:

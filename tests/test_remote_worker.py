@@ -247,3 +247,32 @@ def test_engine_service_over_a_remote_worker_reports_a_dead_worker_as_unavailabl
             assert load.num_running == 0 and load.kv_blocks_in_use == 0
     finally:
         worker_server.stop()
+
+
+def test_a_hung_worker_times_out_instead_of_hanging_the_engine(model_dir):
+    """SIGSTOP freezes the worker without closing its socket: only the step deadline can notice."""
+    import signal
+
+    prompt, params = [5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    expected = local_engine(model_dir).generate([prompt], params)[0].token_ids
+    with worker_process(model_dir) as process:
+        remote = RemoteWorker(process.address, step_timeout=2.0)
+        try:
+            process.process.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(WorkerUnavailable, match="no answer to a step in 2 s"):
+                remote_engine(model_dir, remote).generate([prompt], params)
+            assert time.monotonic() - started < 30
+            process.process.send_signal(signal.SIGCONT)
+            # Back: a new stream (the worker may still be closing the old one for a moment) gives right tokens.
+            for attempt in range(20):
+                try:
+                    assert remote_engine(model_dir, remote).generate([prompt], params)[0].token_ids == expected
+                    break
+                except WorkerUnavailable:
+                    time.sleep(0.25)
+            else:
+                raise AssertionError("the worker did not serve again after SIGCONT")
+        finally:
+            process.process.send_signal(signal.SIGCONT)
+            remote.close()

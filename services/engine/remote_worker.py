@@ -2,12 +2,15 @@
 
 Steps travel on one long-lived Execute stream, one plan out and one result back. The worker keeps request
 state only as long as its stream, so a broken stream fails the step (the engine loop then aborts every
-request and drops its prefix cache) and the next step opens a fresh stream on a fresh channel.
+request and drops its prefix cache) and the next step opens a fresh stream on a fresh channel. A worker that
+does not answer a step within `step_timeout` (hung, or a network partition) is treated the same way, so that no
+stream waits on it forever.
 """
 from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +64,12 @@ class RemoteModelConfig:
 
 
 class RemoteWorker:
-    def __init__(self, address: str, connect_timeout: float = 300.0):
+    def __init__(self, address: str, connect_timeout: float = 300.0, step_timeout: float = 120.0):
         """Waits (up to connect_timeout: a worker may be loading a large model) until the worker is SERVING."""
         self.address = address
+        self.step_timeout = step_timeout
         self._channel = self._stub = None
-        self._stream = None  # (request queue, response iterator) of the open Execute stream
+        self._stream = None  # (request queue, the call, its responses) of the open Execute stream
         self._connect()
         try:
             self._wait_until_serving(connect_timeout)
@@ -84,26 +88,29 @@ class RemoteWorker:
     def execute(self, plan: StepPlan) -> StepResult:
         if self._stream is None:
             self._open_stream()
-        requests, responses = self._stream
+        requests, _, responses = self._stream
         requests.put(worker_pb2.ExecuteRequest(plan=plan_to_proto(plan)))
         try:
-            response = next(responses)
-        except grpc.RpcError as error:
+            response = responses.get(timeout=self.step_timeout)
+        except queue.Empty:
             self.close()
-            if error.code() is grpc.StatusCode.INTERNAL:  # the worker is up but failed the step: say so
-                raise RpcError(error.code(), f"worker at {self.address} failed a step: {error.details()}") from None
-            raise WorkerUnavailable(self.address, f"{error.code().name}: {error.details()}") from None
-        except StopIteration:
+            raise WorkerUnavailable(self.address, f"no answer to a step in {self.step_timeout:g} s") from None
+        if isinstance(response, grpc.RpcError):
             self.close()
-            raise WorkerUnavailable(self.address, "it ended the stream") from None
+            if response.code() is grpc.StatusCode.INTERNAL:  # the worker is up but failed the step: say so
+                raise RpcError(response.code(), f"worker at {self.address} failed a step: {response.details()}")
+            raise WorkerUnavailable(self.address, f"{response.code().name}: {response.details()}")
+        if response is None:
+            self.close()
+            raise WorkerUnavailable(self.address, "it ended the stream")
         return result_from_proto(response.result)
 
     def close(self) -> None:
         """Ends the stream and the channel; a later execute() would connect again."""
         if self._stream is not None:
-            requests, responses = self._stream
+            requests, call, _ = self._stream
             requests.put(None)  # ends the request iterator, so gRPC's sending thread exits
-            responses.cancel()
+            call.cancel()  # and the reader thread with it
             self._stream = None
         if self._channel is not None:
             self._channel.close()
@@ -147,7 +154,20 @@ class RemoteWorker:
                 raise WorkerUnavailable(self.address, f"it came back as {_shape(info)}, not {_shape(self.info)} "
                                         "(model, vocab, KV blocks, block size); restart the engine")
         requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._stream = (requests, self._stub.Execute(iter(requests.get, None)))  # None ends the stream
+        call = self._stub.Execute(iter(requests.get, None))  # None ends the stream
+        responses: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=_read, args=(call, responses), name="tessera-worker-reader", daemon=True).start()
+        self._stream = (requests, call, responses)
+
+
+def _read(call, responses: queue.SimpleQueue) -> None:
+    """Moves the stream's responses to a queue, which execute() can wait on with a deadline."""
+    try:
+        for response in call:
+            responses.put(response)
+        responses.put(None)  # the worker ended the stream
+    except grpc.RpcError as error:
+        responses.put(error)
 
 
 def _shape(info: worker_pb2.DescribeResponse) -> tuple:

@@ -130,12 +130,12 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         )
 
 
-def build_engine(config, worker_address: str | None = None) -> LLMEngine:
+def build_engine(config, worker_address: str | None = None, worker_step_timeout: float = 120.0) -> LLMEngine:
     if worker_address is None:
         return LLMEngine(config)
     from tessera.engine.remote_worker import RemoteWorker
 
-    return LLMEngine(config, worker=RemoteWorker(worker_address))
+    return LLMEngine(config, worker=RemoteWorker(worker_address, step_timeout=worker_step_timeout))
 
 
 def warm_up(engine: LLMEngine) -> None:
@@ -150,7 +150,7 @@ def warm_up(engine: LLMEngine) -> None:
 
 async def serve_engine(config, port: int, *, worker_address: str | None = None, host: str = "[::]",
                        metrics_port: int | None = None, max_queue: int = 256, model_name: str | None = None,
-                       grace_seconds: float = 30.0) -> None:
+                       grace_seconds: float = 30.0, worker_step_timeout: float = 120.0) -> None:
     from pathlib import Path
 
     from tessera.metrics import serve_metrics
@@ -163,7 +163,7 @@ async def serve_engine(config, port: int, *, worker_address: str | None = None, 
     bound = await server.start()
     log.info("engine on port %d (NOT_SERVING while loading); loading %s", bound, config.model)
     started = time.perf_counter()
-    engine = await asyncio.to_thread(build_engine, config, worker_address)
+    engine = await asyncio.to_thread(build_engine, config, worker_address, worker_step_timeout)
     service.model_name = service.model_name or Path(engine.model_config.model_dir).name
     log.info("model loaded in %.1f s; warming up", time.perf_counter() - started)
     await asyncio.to_thread(warm_up, engine)
