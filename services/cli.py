@@ -116,9 +116,13 @@ def run_engine(args) -> None:
 
 
 def run_worker(args) -> None:
+    from tessera.engine.device import resolve_device
     from tessera.engine.worker import WorkerConfig
     from tessera.engine.worker_service import serve_worker
 
+    if resolve_device(args.device).type == "xla":
+        # The XLA runner compiles buckets sized by the engine's limits, which a separate worker does not know.
+        sys.exit("tessera worker: TPU workers run inside the engine for now: use `tessera engine --device tpu`")
     config = WorkerConfig(args.model, args.dtype, args.device, args.block_size, args.kv_cache_memory)
     asyncio.run(serve_worker(config, args.port, host=args.host, metrics_port=args.metrics_port))
 

@@ -119,3 +119,13 @@ def test_compose_runs_one_engine_per_profile_behind_the_name_the_tokenizer_dials
         assert svc["networks"]["default"]["aliases"] == ["engine"]
         assert tokenizer.engine == [f"engine:{args.port}"] and args.device == svc["profiles"][0]
     assert "COMPOSE_PROFILES=cpu" in (REPO / ".env").read_text()  # plain `docker compose up` is the CPU one
+
+
+def test_a_remote_tpu_worker_is_refused_clearly(monkeypatch):
+    from tessera.engine import device
+
+    monkeypatch.setattr(device, "resolve_device", lambda name=None: __import__("torch").device("xla"))
+    from tessera import cli
+
+    with pytest.raises(SystemExit, match="use `tessera engine --device tpu`"):
+        cli.main(["worker", "--device", "tpu", "--model", str(DEMO)])
