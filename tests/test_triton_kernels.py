@@ -274,16 +274,37 @@ def torch_backend_tokens(model_dir, prompts, params):
     return [c.token_ids for c in engine.generate(prompts, params)]
 
 
-@pytest.mark.parametrize("preset", ["llama", "mistral"])  # GQA; a sliding window shorter than the prompts
-def test_triton_backend_engine_greedy_tokens_match_torch_backend(tmp_path_factory, preset):
+def spy(monkeypatch, module, name: str) -> list[int]:
+    """Wrap module.name so that every call is counted (and still runs the real function)."""
+    calls, real = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+# GQA; a sliding window shorter than the prompts; per-head q/k norm before the rotary kernel; tied embeddings.
+@pytest.mark.parametrize("preset", ["llama", "mistral", "qwen3", "llama_tied"])
+def test_triton_backend_engine_greedy_tokens_match_torch_backend(tmp_path_factory, monkeypatch, preset):
+    import tessera.kernels.rms_norm
+    import tessera.kernels.rotary
     model_dir = preset_checkpoint(tmp_path_factory, preset)
     prompts, params = requests(seed=7)
     config = engine_config(model_dir, device=DEVICE)
+    # The model picks the fused kernels when it is built, so spy on them before.
+    norm_calls = spy(monkeypatch, tessera.kernels.rms_norm, "rms_norm")
+    rotary_calls = spy(monkeypatch, tessera.kernels.rotary, "apply_rotary_")
     # On a GPU the worker picks the Triton backend (and CUDA graphs) by itself.
     worker = Worker(config.worker_config(), None if DEVICE == "cuda" else TritonAttentionBackend())
     assert worker.attn_backend.name == "triton"
     got = LLMEngine(config, worker=worker).generate(prompts, params)
+    assert norm_calls and rotary_calls  # the model ran the fused RMSNorm and rotary kernels
+    norm_calls.clear()
+    rotary_calls.clear()
     assert [c.token_ids for c in got] == torch_backend_tokens(model_dir, prompts, params)
+    assert not norm_calls and not rotary_calls  # and the torch backend's model did not
 
 
 class EagerGraphs(CudaGraphRunner):

@@ -3,6 +3,10 @@
 Tokens arrive as one flat ragged batch ([num_tokens], every request's new tokens back to back) with their
 absolute positions; the attention backend knows which tokens belong to which request and where their KV lives.
 q/k/v and gate/up are each one fused matmul; load_weights splits the Hugging Face tensors into them.
+
+With the Triton attention backend (CUDA, or Triton's CPU interpreter in the tests) the residual add + RMSNorm and
+the rotary embedding also run as fused Triton kernels (kernels/rms_norm.py, kernels/rotary.py), chosen once at
+construction; they round like the PyTorch code, which every other backend (torch on CPU, XLA) keeps running.
 """
 from __future__ import annotations
 
@@ -18,30 +22,59 @@ from tessera.engine.models.rope import RotaryEmbedding, apply_rotary
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """(RMSNorm(x + residual), x + residual): the residual add fused in front of the norm, vLLM style; with no
+    residual, (RMSNorm(x), x). `fused`: one Triton kernel pass (x [num_tokens, dim] only) instead of PyTorch ops."""
+
+    def __init__(self, dim: int, eps: float, fused: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernel = None
+        if fused:  # triton is an optional dependency: import it only on this path
+            from tessera.kernels.rms_norm import rms_norm
+            self.kernel = rms_norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
         # Normalize in float32 and cast back before scaling, the order transformers uses.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * x32.to(x.dtype), x
+
+
+def eager_rotary(q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope: the step's (cos, sin) rows, from RotaryEmbedding.forward."""
+    return apply_rotary(q, *rope), apply_rotary(k, *rope)
+
+
+def fused_rotary(kernel):
+    """rope: (positions, the float32 cos/sin table); `kernel` (kernels/rotary.py) rotates q and k in place."""
+    def rotate(q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel(q, k, *rope)
+        return q, k
+    return rotate
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, attn_backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, layer: int, attn_backend: AttentionBackend, fused: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
-        if config.qk_norm:
+        if config.qk_norm:  # per head, on strided [num_tokens, heads, head_dim] views: PyTorch ops on every path
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
+        if fused:  # triton is an optional dependency: import it only on this path
+            from tessera.kernels.rotary import apply_rotary_
+            self.rotate = fused_rotary(apply_rotary_)
+        else:
+            self.rotate = eager_rotary
         self.scale = self.head_dim**-0.5
         self.sliding_window = config.layer_sliding_window(layer)
         self.attn_backend = attn_backend
@@ -53,8 +86,8 @@ class Attention(nn.Module):
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            (q, _), (k, _) = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotate(q, k, rope)
         out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(n, self.q_size))
 
@@ -72,16 +105,19 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, attn_backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, layer: int, attn_backend: AttentionBackend, fused: bool = False):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer, attn_backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
+        self.self_attn = Attention(config, layer, attn_backend, fused)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, kv_cache, meta):
+        """x: the previous layer's output, not yet added to `residual` (None before the first layer): each norm
+        does the add, so the residual stream is (x + residual) after every layer."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, kv_cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -91,20 +127,26 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend):
         super().__init__()
         self.config = config
+        self.fused = attn_backend.name == "triton"  # the fused Triton kernels pay there (fewer memory passes)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, attn_backend) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, attn_backend, self.fused)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.fused)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.LongTensor, positions: torch.LongTensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        rope = self.rotary_emb(positions, x.dtype)
+        x, residual = self.embed_tokens(input_ids), None
+        # Once per step for every layer: the eager rotary's cos/sin rows, or what the kernel looks them up in.
+        if self.fused:
+            rope = (positions, self.rotary_emb.cos_sin_cache)
+        else:
+            rope = self.rotary_emb(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
