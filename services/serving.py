@@ -4,6 +4,7 @@ Prometheus metrics port, errors that are never UNKNOWN, and a graceful drain on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -49,49 +50,41 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def rpc_method(method):
     """Turns exceptions from a unary or server-streaming handler into a proper status, never UNKNOWN."""
-
     name = method.__name__
 
-    async def fail(context, error):
-        code, message = status_of(error)
-        REQUESTS.labels(name, code.name).inc()
-        if code is grpc.StatusCode.INTERNAL:
-            log.exception("%s failed", method.__qualname__, exc_info=error)
-        await context.abort(code, message)
-
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream(self, request, context):
-            try:
-                async for response in method(self, request, context):
-                    yield response
-            except asyncio.CancelledError:
-                REQUESTS.labels(name, "CANCELLED").inc()
-                raise
-            except grpc.aio.AbortError:
-                raise
-            except Exception as error:
-                await fail(context, error)
-            else:
-                REQUESTS.labels(name, "OK").inc()
-
-        return stream
-
-    @functools.wraps(method)
-    async def unary(self, request, context):
+    @contextlib.asynccontextmanager
+    async def outcome(context):
+        """Counts the call by its status, and aborts with the right status on an exception."""
         try:
-            response = await method(self, request, context)
+            yield
         except asyncio.CancelledError:
             REQUESTS.labels(name, "CANCELLED").inc()
             raise
         except grpc.aio.AbortError:
             raise
         except Exception as error:
-            await fail(context, error)
+            code, message = status_of(error)
+            REQUESTS.labels(name, code.name).inc()
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method.__qualname__, exc_info=error)
+            await context.abort(code, message)
         else:
             REQUESTS.labels(name, "OK").inc()
-            return response
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            async with outcome(context):
+                async for response in method(self, request, context):
+                    yield response
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        async with outcome(context):
+            return await method(self, request, context)
 
     return unary
 
