@@ -35,6 +35,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--kv-cache-memory", type=parse_bytes, default=parse_bytes("1GiB"),
                         help="memory for KV tensors; the block count follows (default 1GiB)")
+    parser.add_argument("--cpu-matmul", default="auto", choices=["auto", "onednn", "aten"],
+                        help="CPU linear layers: oneDNN with pre-packed weights, or PyTorch's default (aten); "
+                             "auto: oneDNN where it runs (float32/bfloat16)")
 
 
 def add_server_args(parser: argparse.ArgumentParser, port: int) -> None:
@@ -109,6 +112,7 @@ def run_engine(args) -> None:
         kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
+        cpu_matmul=args.cpu_matmul,
     )
     asyncio.run(serve_engine(config, args.port, worker_address=(args.worker or [None])[0], host=args.host,
                              metrics_port=args.metrics_port, max_queue=args.max_queue, grace_seconds=args.grace,
@@ -123,7 +127,8 @@ def run_worker(args) -> None:
     if resolve_device(args.device).type == "xla":
         # The XLA runner compiles buckets sized by the engine's limits, which a separate worker does not know.
         sys.exit("tessera worker: TPU workers run inside the engine for now: use `tessera engine --device tpu`")
-    config = WorkerConfig(args.model, args.dtype, args.device, args.block_size, args.kv_cache_memory)
+    config = WorkerConfig(args.model, args.dtype, args.device, args.block_size, args.kv_cache_memory,
+                          cpu_matmul=args.cpu_matmul)
     asyncio.run(serve_worker(config, args.port, host=args.host, metrics_port=args.metrics_port))
 
 

@@ -45,10 +45,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_logprobs: int = 20
     enforce_eager: bool = False  # CUDA: no CUDA graphs
+    cpu_matmul: str = "auto"  # CPU linear layers: onednn, aten, or auto (see models/packed_linear.py)
 
     def worker_config(self) -> WorkerConfig:
         return WorkerConfig(self.model, self.dtype, self.device, self.block_size, self.kv_cache_memory,
-                            self.num_kv_blocks, self.enforce_eager)
+                            self.num_kv_blocks, self.enforce_eager, self.cpu_matmul)
 
 
 def make_worker(config: EngineConfig) -> WorkerClient:

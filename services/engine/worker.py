@@ -14,6 +14,7 @@ from tessera.engine.attention.backend import AttentionBackend, AttentionMetadata
 from tessera.engine.checkpoint import load_model
 from tessera.engine.device import attention_backend_for, default_dtype_for, resolve_device
 from tessera.engine.model_config import ModelConfig
+from tessera.engine.models.packed_linear import pack_linear_layers, resolve_cpu_matmul
 from tessera.engine.sampler import Sampler, SamplingRow, top_logprobs
 from tessera.engine.sampling_params import SamplingParams
 from tessera.engine.step import StepPlan, StepResult, TokenLogprobs
@@ -30,6 +31,7 @@ class WorkerConfig:
     kv_cache_memory: int = 1 << 30  # bytes of KV tensors; the block count follows from it
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use few blocks to force preemption)
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
+    cpu_matmul: str = "auto"  # CPU linear layers: onednn (pre-packed weights) or aten; auto: onednn where it runs
 
 
 @dataclass
@@ -48,6 +50,9 @@ class Worker:
         dtype = config.dtype if config.dtype not in (None, "auto") else default_dtype_for(self.device)
         self.model, self.model_config = load_model(config.model, self.attn_backend, dtype, self.device)
         mc: ModelConfig = self.model_config
+        self.cpu_matmul = resolve_cpu_matmul(config.cpu_matmul, self.device, mc.dtype)
+        if self.cpu_matmul == "onednn":
+            log.info("oneDNN matmuls: %d linear layers packed", pack_linear_layers(self.model))
         self.block_size = config.block_size
         bytes_per_block = mc.kv_bytes_per_token * config.block_size
         self.num_blocks = config.num_kv_blocks or max(config.kv_cache_memory // bytes_per_block, 1)
