@@ -9,6 +9,7 @@ import torch
 
 from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.engine.engine_loop import EngineLoop
+from tessera.engine.models.packed_linear import onednn_available
 from tessera.engine.request import FinishReason
 from tessera.engine.sampling_params import InvalidParam, SamplingParams
 from hf_reference import assert_greedy_matches_transformers, hf_model
@@ -36,6 +37,19 @@ def test_greedy_tokens_and_logprobs_match_transformers(tmp_path_factory, preset)
     assert all(c.finish_reason is FinishReason.LENGTH for c in completions)
     # fp32 on both sides, different kernels: logprobs agree within 1e-4.
     assert_greedy_matches_transformers(model_dir, prompts, completions, NEW_TOKENS, atol=1e-4)
+
+
+@pytest.mark.parametrize("cpu_matmul", ["aten", "onednn"])
+def test_cpu_matmul_choice_reaches_the_worker_and_both_match_transformers(tmp_path_factory, cpu_matmul):
+    if cpu_matmul == "onednn" and not onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    model_dir = preset_checkpoint(tmp_path_factory, "llama_bias")
+    engine = make_engine(model_dir, cpu_matmul=cpu_matmul)
+    assert engine.worker.cpu_matmul == cpu_matmul
+    assert make_engine(model_dir).worker.cpu_matmul == ("onednn" if onednn_available() else "aten")  # auto
+    prompts = random_prompts(4, 5, 40, seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
+    assert_greedy_matches_transformers(model_dir, prompts, engine.generate(prompts, params), NEW_TOKENS, atol=1e-4)
 
 
 @pytest.mark.parametrize("preset", ["llama", "qwen3"])

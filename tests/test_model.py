@@ -9,6 +9,7 @@ from tessera.engine.attention.backend import AttentionMetadata
 from tessera.engine.attention.torch_backend import TorchAttentionBackend
 from tessera.engine.checkpoint import load_model
 from tessera.engine.model_config import CheckpointError
+from tessera.engine.models.packed_linear import PackedLinear, onednn_available, pack_linear_layers, resolve_cpu_matmul
 from tessera.engine.models.rope import inverse_frequencies
 
 BLOCK_SIZE = 4
@@ -155,3 +156,43 @@ def test_rope_frequencies_match_transformers_at_full_size(scaling):
 def test_unknown_rope_type_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match="yarn"):
         inverse_frequencies(64, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+
+
+# --- oneDNN packed linear layers (the worker's default on CPU) -------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("preset", ["llama", "llama_tied", "llama_bias", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.25)])
+def test_packed_linear_layers_give_the_plain_models_logits(preset, dtype, atol, tmp_path_factory, backend):
+    path = preset_checkpoint(tmp_path_factory, preset)
+    plain, config = load_model(path, backend, dtype=dtype)
+    packed, _ = load_model(path, backend, dtype=dtype)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in plain.modules())
+    assert pack_linear_layers(packed) == linears + config.tie_word_embeddings  # a tied head gets a packed copy
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert isinstance(packed.lm_head, PackedLinear)
+
+    table, prompt = scattered_block_table(6), random_prompt(19, config.vocab_size)
+    requests = [(table, prompt, 0)]
+    expected = run(plain, empty_kv_caches(plain, backend), requests)
+    logits = run(packed, empty_kv_caches(packed, backend), requests)
+    assert not torch.equal(logits, torch.zeros_like(logits))
+    torch.testing.assert_close(logits, expected, atol=atol, rtol=0)
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1)) or dtype == "bfloat16"
+
+
+def test_cpu_matmul_choice():
+    cpu = torch.device("cpu")
+    assert resolve_cpu_matmul("aten", cpu, torch.float32) == "aten"
+    assert resolve_cpu_matmul("auto", cpu, torch.float16) == "aten"  # oneDNN's CPU matmul takes fp32/bf16
+    assert resolve_cpu_matmul("auto", torch.device("meta"), torch.float32) == "aten"
+    if onednn_available():
+        assert resolve_cpu_matmul("auto", cpu, torch.float32) == "onednn"
+        assert resolve_cpu_matmul("onednn", cpu, torch.bfloat16) == "onednn"
+    with pytest.raises(ValueError, match="cpu_matmul 'onednn' needs .* float32 or bfloat16"):
+        resolve_cpu_matmul("onednn", cpu, torch.float16)
+    with pytest.raises(ValueError, match="cpu_matmul must be one of auto, onednn, aten, got 'mkl'"):
+        resolve_cpu_matmul("mkl", cpu, torch.float32)
