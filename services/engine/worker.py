@@ -13,6 +13,7 @@ import torch
 from tessera.engine.attention.backend import AttentionBackend, AttentionMetadata
 from tessera.engine.checkpoint import load_model
 from tessera.engine.device import attention_backend_for, default_dtype_for, resolve_device
+from tessera.engine.host_allocator import keep_large_allocations_in_heap
 from tessera.engine.model_config import ModelConfig
 from tessera.engine.models.packed_linear import pack_linear_layers, resolve_cpu_matmul
 from tessera.engine.sampler import Sampler, SamplingRow, top_logprobs
@@ -50,6 +51,8 @@ class Worker:
         dtype = config.dtype if config.dtype not in (None, "auto") else default_dtype_for(self.device)
         self.model, self.model_config = load_model(config.model, self.attn_backend, dtype, self.device)
         mc: ModelConfig = self.model_config
+        if self.device.type == "cpu":
+            keep_large_allocations_in_heap()
         self.cpu_matmul = resolve_cpu_matmul(config.cpu_matmul, self.device, mc.dtype)
         if self.cpu_matmul == "onednn":
             log.info("oneDNN matmuls: %d linear layers packed", pack_linear_layers(self.model))

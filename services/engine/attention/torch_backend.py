@@ -1,6 +1,9 @@
 """PyTorch attention over the paged KV cache: gather each request's context, then scaled dot-product attention.
 
-It runs anywhere PyTorch does, and it is the oracle the Triton and XLA backends are tested against.
+It runs anywhere PyTorch does, and it is the oracle the Triton and XLA backends are tested against. On the CPU,
+decodes go through the native kernel (kernels/paged_attention_cpu.cpp) when it could be built: it reads the
+blocks in place instead of gathering a padded copy; prefill chunks, which amortize their gather over many
+queries, stay on SDPA.
 """
 from __future__ import annotations
 
@@ -29,12 +32,25 @@ DECODE_GROUP = 16  # decodes attended together; sorted by length, so padding sta
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
+    def __init__(self, native_decode: bool = True):
+        """native_decode: use the native CPU decode kernel if it builds (False: the pure PyTorch path)."""
+        self.native_decode = None
+        if native_decode:
+            from tessera.kernels import paged_attention_cpu
+
+            self.native_decode = paged_attention_cpu.load()
+
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale, sliding_window=None):
         write_kv(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
+        decodes = meta.num_decodes
+        if decodes and self.native_decode is not None and q.device.type == "cpu":
+            out[:decodes] = self.native_decode(q[:decodes], kv_cache[0], kv_cache[1], meta.block_tables[:decodes],
+                                               meta.seq_lens[:decodes], scale, sliding_window or 0)
+            decodes = 0
         # Decodes come sorted by context length: each group pads only to its own longest context.
-        for first in range(0, meta.num_decodes, DECODE_GROUP):
-            last = min(first + DECODE_GROUP, meta.num_decodes)
+        for first in range(0, decodes, DECODE_GROUP):
+            last = min(first + DECODE_GROUP, decodes)
             out[first:last] = self._decodes(q[first:last], kv_cache, meta, first, last, scale, sliding_window)
         start = meta.num_decodes
         for i in range(meta.num_decodes, meta.num_reqs):

@@ -1,0 +1,125 @@
+// Paged decode attention for the CPU: one query token per request, keys and values read in place from the
+// paged KV cache (no gather copy), all query heads that share a KV head served by one pass over its keys.
+//
+// Built on first use by kernels/paged_attention_cpu.py and registered as torch.ops.tessera.paged_decode_attention.
+// Reference: the PyTorch backend's gather + scaled_dot_product_attention (services/engine/attention/torch_backend.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// One work item: request r, all its heads. Each token's keys (then values) for every KV head sit together in
+// the cache, so one pass reads them as one contiguous row; the `group` query heads of a KV head share it.
+// Scores for the whole context fit in a small buffer (heads x context floats): softmax runs in plain passes.
+template <typename T>
+void attend_request(T* out, const T* q, const T* keys, const T* values, const int32_t* block_table, int64_t seq_len,
+                    int64_t window, int64_t heads, int64_t group, int64_t head_dim, int64_t block_size,
+                    int64_t block_stride, int64_t slot_stride, int64_t head_stride, float scale,
+                    std::vector<float>& scores, std::vector<float>& query, std::vector<float>& acc) {
+  const int64_t first = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
+  const int64_t length = seq_len - first;
+  scores.resize(heads * length);
+  query.resize(heads * head_dim);
+  acc.assign(heads * head_dim, 0.f);
+  for (int64_t i = 0; i < heads * head_dim; ++i) query[i] = static_cast<float>(q[i]) * scale;
+
+  for (int64_t t = 0; t < length; ++t) {
+    const int64_t position = first + t;
+    const T* k = keys + block_table[position / block_size] * block_stride + (position % block_size) * slot_stride;
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* kh = k + (h / group) * head_stride;
+      const float* qh = query.data() + h * head_dim;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < head_dim; ++d) s += qh[d] * static_cast<float>(kh[d]);
+      scores[h * length + t] = s;
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sh = scores.data() + h * length;
+    const float m = *std::max_element(sh, sh + length);
+    float sum = 0.f;
+    for (int64_t t = 0; t < length; ++t) {
+      sh[t] = std::exp(sh[t] - m);
+      sum += sh[t];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < length; ++t) sh[t] *= inv;
+  }
+  for (int64_t t = 0; t < length; ++t) {
+    const int64_t position = first + t;
+    const T* v = values + block_table[position / block_size] * block_stride + (position % block_size) * slot_stride;
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* vh = v + (h / group) * head_stride;
+      const float p = scores[h * length + t];
+      float* ah = acc.data() + h * head_dim;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) ah[d] += p * static_cast<float>(vh[d]);
+    }
+  }
+  for (int64_t i = 0; i < heads * head_dim; ++i) out[i] = static_cast<T>(acc[i]);
+}
+
+// q [n, heads, head_dim]; key_cache / value_cache [num_blocks, block_size, kv_heads, head_dim];
+// block_tables [n, max_blocks] int32; seq_lens [n] int32 (the context including the query token);
+// window: sliding window in tokens, 0 for none. Returns [n, heads, head_dim].
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                  int64_t window) {
+  TORCH_CHECK(q.device().is_cpu() && key_cache.device().is_cpu(), "paged_decode_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(),
+              "paged_decode_attention: q [n, heads, d] and caches [blocks, block_size, kv_heads, d]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt,
+              "paged_decode_attention: block_tables and seq_lens must be int32");
+  TORCH_CHECK(key_cache.stride(3) == 1 && value_cache.stride(3) == 1 && key_cache.strides() == value_cache.strides(),
+              "paged_decode_attention: the head dimension of the caches must be contiguous");
+  TORCH_CHECK(q.scalar_type() == key_cache.scalar_type() && q.scalar_type() == value_cache.scalar_type(),
+              "paged_decode_attention: q and the caches must share a dtype");
+  const auto qc = q.contiguous();
+  const auto tables = block_tables.contiguous();
+  const auto lens = seq_lens.contiguous();
+  const int64_t n = qc.size(0), heads = qc.size(1), head_dim = qc.size(2);
+  const int64_t block_size = key_cache.size(1), kv_heads = key_cache.size(2);
+  TORCH_CHECK(heads % kv_heads == 0 && key_cache.size(3) == head_dim && tables.size(0) == n && lens.size(0) == n,
+              "paged_decode_attention: inconsistent shapes");
+  const int64_t group = heads / kv_heads, max_blocks = tables.size(1);
+  auto out = at::empty_like(qc);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_decode_attention", [&] {
+    const scalar_t* q_ptr = qc.const_data_ptr<scalar_t>();
+    const scalar_t* k_ptr = key_cache.const_data_ptr<scalar_t>();
+    const scalar_t* v_ptr = value_cache.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    const int32_t* table_ptr = tables.const_data_ptr<int32_t>();
+    const int32_t* len_ptr = lens.const_data_ptr<int32_t>();
+    // Requests arrive sorted by context length, so contiguous ranges would load the threads unevenly: each
+    // lane takes every lanes-th request instead.
+    const int64_t lanes = std::min<int64_t>(at::get_num_threads(), n);
+    at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores, query, acc;  // per thread, reused across its requests
+      for (int64_t lane = begin; lane < end; ++lane) {
+        for (int64_t r = lane; r < n; r += lanes) {
+          const int64_t offset = r * heads * head_dim;
+          attend_request<scalar_t>(out_ptr + offset, q_ptr + offset, k_ptr, v_ptr, table_ptr + r * max_blocks,
+                                   len_ptr[r], window, heads, group, head_dim, block_size, key_cache.stride(0),
+                                   key_cache.stride(1), key_cache.stride(2), static_cast<float>(scale), scores,
+                                   query, acc);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tessera, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+        "Tensor seq_lens, float scale, int window) -> Tensor");
+  m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
+}

@@ -1,0 +1,130 @@
+"""The native CPU paged decode-attention kernel (kernels/paged_attention_cpu.cpp) against the PyTorch reference
+(kernels/reference.py), on its own and inside the torch backend.
+
+The kernel accumulates in float32 whatever the cache dtype, so float32 agrees to 1e-5 (the same sums in another
+order) and bfloat16 to 1.6e-2, a few units in the last place at the output's magnitude (~1).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tessera.engine.attention.backend import AttentionMetadata
+from tessera.engine.attention.torch_backend import TorchAttentionBackend
+from tessera.kernels import paged_attention_cpu
+from tessera.kernels.reference import paged_attention_ref
+
+op = paged_attention_cpu.load()
+pytestmark = pytest.mark.skipif(op is None, reason="the native CPU kernel could not be built (see the log)")
+
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+# (query heads, KV heads, head dim, block size): MHA, GQA, a group of 3 with odd sizes, MQA.
+LAYOUTS = [(4, 4, 64, 16), (8, 2, 128, 16), (6, 2, 80, 5), (4, 1, 32, 4)]
+
+
+def decode_batch(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+    """Random q and caches; tables drawn from a shuffled pool (out of order, some blocks unowned)."""
+    g = torch.Generator().manual_seed(seed)
+    needed = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(needed) + 3
+    pool = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(seq_lens), max(needed), dtype=torch.int32)
+    for i, n in enumerate(needed):
+        tables[i, :n] = torch.tensor([pool.pop() for _ in range(n)], dtype=torch.int32)
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=g).to(dtype)
+    return q, kv_cache, tables, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+def reference(q, kv_cache, tables, seq_lens, scale, window=None):
+    query_start_loc = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    return paged_attention_ref(q, kv_cache[0], kv_cache[1], query_start_loc, seq_lens, tables, scale, window)
+
+
+@DTYPES
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: "h{}-kv{}-d{}-bs{}".format(*layout))
+def test_cpu_kernel_decode_matches_reference(dtype, layout):
+    num_heads, num_kv_heads, head_dim, block_size = layout
+    # One token, a partial block, exactly one block, many blocks with a ragged end; sorted, as the worker sends them.
+    seq_lens = [1, 3, block_size, 2 * block_size + 1, 77, 300]
+    q, kv_cache, tables, lens = decode_batch(seq_lens, *layout, dtype)
+    scale = head_dim**-0.5
+    ours = op(q, kv_cache[0], kv_cache[1], tables, lens, scale, 0)
+    assert ours.dtype == dtype and ours.shape == q.shape
+    torch.testing.assert_close(ours, reference(q, kv_cache, tables, lens, scale), **TOLERANCE[dtype])
+
+
+@DTYPES
+def test_cpu_kernel_sliding_window(dtype):
+    q, kv_cache, tables, lens = decode_batch([2, 9, 30, 45], 4, 2, 32, 8, dtype, seed=1)
+    for window in (1, 8, 21, 100):
+        ours = op(q, kv_cache[0], kv_cache[1], tables, lens, 0.3, window)
+        torch.testing.assert_close(ours, reference(q, kv_cache, tables, lens, 0.3, window), **TOLERANCE[dtype])
+
+
+def test_cpu_kernel_many_threads_and_uneven_lengths_match_one_thread():
+    rng = random.Random(4)
+    seq_lens = sorted(rng.randint(1, 400) for _ in range(37))
+    q, kv_cache, tables, lens = decode_batch(seq_lens, 8, 2, 64, 16, torch.float32, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(q, kv_cache[0], kv_cache[1], tables, lens, 0.125, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(op(q, kv_cache[0], kv_cache[1], tables, lens, 0.125, 0), one)  # same math per item
+
+
+def test_cpu_kernel_rejects_bad_inputs_with_a_message():
+    q, kv_cache, tables, lens = decode_batch([5, 9], 4, 2, 32, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="int32"):
+        op(q, kv_cache[0], kv_cache[1], tables.long(), lens, 1.0, 0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        op(q.double(), kv_cache[0], kv_cache[1], tables, lens, 1.0, 0)
+    with pytest.raises(RuntimeError, match="inconsistent shapes"):
+        op(q[:, :3], kv_cache[0], kv_cache[1], tables, lens, 1.0, 0)
+
+
+@DTYPES
+def test_cpu_kernel_in_the_torch_backend_matches_the_pure_pytorch_path(dtype):
+    """A mixed step (three decodes, two prefill chunks): the native decodes change nothing but speed."""
+    requests = [(1, 9), (1, 26), (1, 40), (7, 19), (12, 12)]  # (query length, context after the step)
+    block_size, num_kv_heads, head_dim = 4, 2, 16
+    g = torch.Generator().manual_seed(3)
+    needed = [-(-s // block_size) for _, s in requests]
+    pool = torch.randperm(sum(needed) + 2, generator=g).tolist()
+    tables = torch.zeros(len(requests), max(needed), dtype=torch.int32)
+    slots, positions_of = [], []
+    for i, ((q_len, seq_len), n) in enumerate(zip(requests, needed)):
+        tables[i, :n] = torch.tensor([pool.pop() for _ in range(n)], dtype=torch.int32)
+        for p in range(seq_len - q_len, seq_len):
+            slots.append(int(tables[i, p // block_size]) * block_size + p % block_size)
+            positions_of.append(p)
+    tokens = len(slots)
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor([0] + [q for q, _ in requests]).cumsum(0).to(torch.int32),
+        seq_lens=torch.tensor([s for _, s in requests], dtype=torch.int32), block_tables=tables,
+        slot_mapping=torch.tensor(slots), num_decodes=3, query_lens_cpu=[q for q, _ in requests],
+        seq_lens_cpu=[s for _, s in requests],
+    )
+    q = torch.randn(tokens, 4, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(tokens, num_kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+    cache = torch.randn(2, len(pool) + sum(needed), block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+
+    native, plain = TorchAttentionBackend(), TorchAttentionBackend(native_decode=False)
+    assert native.native_decode is not None and plain.native_decode is None
+    native_cache, plain_cache = cache.clone(), cache.clone()
+    for window in (None, 6):
+        ours = native.forward(q, k, v, native_cache, meta, 0.25, window)
+        expected = plain.forward(q, k, v, plain_cache, meta, 0.25, window)
+        torch.testing.assert_close(ours, expected, **TOLERANCE[dtype])
+    assert torch.equal(native_cache, plain_cache)
+
+
+def test_cpu_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("TESSERA_NATIVE_CPU_KERNELS", "0")
+    assert paged_attention_cpu.load() is None
+    assert TorchAttentionBackend().native_decode is None
