@@ -219,3 +219,67 @@ def test_a_stalled_reader_does_not_stall_other_streams(stub):
     finally:
         stalled.cancel()
     wait_idle(stub)
+
+
+# --- engine thread -> event loop hand-off ----------------------------------------------------------------------
+
+def test_outputs_waiting_for_a_lagging_stream_merge_per_sample():
+    import asyncio
+
+    from tessera.engine.request import FinishReason, RequestOutput, Usage
+    from tessera.engine.service import coalesce
+    from tessera.engine.step import TokenLogprobs
+
+    def lp(token):
+        return TokenLogprobs(token, -0.5, [])
+
+    async def scenario():
+        queue = asyncio.Queue()
+        usage = Usage(prompt_tokens=3, completion_tokens=3, cached_tokens=0)
+        queue.put_nowait((1, RequestOutput("r/1", [7], [lp(7)])))
+        queue.put_nowait((0, RequestOutput("r/0", [5], [lp(5)], finish_reason=FinishReason.LENGTH, usage=usage)))
+        queue.put_nowait((1, RequestOutput("r/1", [8], [lp(8)])))
+        first = (0, RequestOutput("r/0", [4], [lp(4)], prompt_logprobs=[lp(1)]))
+        merged = coalesce([first], queue)
+        assert queue.empty()
+        assert [(i, out.new_token_ids, [e.token_id for e in out.new_logprobs]) for i, out in merged] == [
+            (0, [4, 5], [4, 5]), (1, [7, 8], [7, 8])]
+        assert merged[0][1].prompt_logprobs == [lp(1)] and merged[0][1].finished and merged[0][1].usage == usage
+        assert not merged[1][1].finished
+
+        queue.put_nowait((0, ConnectionError("worker lost")))
+        with pytest.raises(ConnectionError):
+            coalesce([(0, RequestOutput("r/0", [9]))], queue)
+
+    asyncio.run(scenario())
+
+
+def test_loop_outbox_delivers_in_order_with_one_wake_up_per_burst():
+    import asyncio
+
+    from tessera.engine.loop_outbox import LoopOutbox
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        wake_ups = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(callback, *args):
+            nonlocal wake_ups
+            wake_ups += 1
+            return original(callback, *args)
+
+        loop.call_soon_threadsafe = counting
+        outbox, queues = LoopOutbox(loop), [asyncio.Queue() for _ in range(4)]
+
+        def engine_thread():  # 50 "steps" of one output per stream, as the engine loop delivers them
+            for step in range(50):
+                for number, queue in enumerate(queues):
+                    outbox.put(queue, (step, number))
+
+        await asyncio.to_thread(engine_thread)
+        for number, queue in enumerate(queues):
+            assert [await queue.get() for _ in range(50)] == [(step, number) for step in range(50)]
+        assert 1 <= wake_ups < 50 * len(queues) / 2  # the event loop was busy awaiting: few flushes took many items
+
+    asyncio.run(scenario())

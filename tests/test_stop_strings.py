@@ -77,3 +77,42 @@ def test_after_a_match_everything_is_dropped():
 def test_empty_stop_string_is_rejected_by_index():
     with pytest.raises(ValueError, match=r"stop\[1\]"):
         StopStringMatcher(["ok", ""])
+
+
+# --- engine messages that carry several tokens (a lagging stream) ---------------------------------------------
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_tokens_merged_into_fewer_messages_give_the_same_text_and_cut(data):
+    """The tokenizer service's per-message step (text_of_tokens): however the engine groups tokens into
+    messages, the text is the same, and a stop string ends the kept tokens at the token that completed it."""
+    from tessera.tokenizer.detokenizer import IncrementalDetokenizer
+    from tessera.tokenizer.service import text_of_tokens
+    from tiny_tokenizers import CORPUS, tessera_tokenizer
+
+    tokenizer = tessera_tokenizer("llama3")
+    ids = tokenizer.encode(" ".join(CORPUS), add_special_tokens=False)[:40]
+    stop = data.draw(st.lists(st.sampled_from(["the", "e ", "s", "xyz", "\n"]), max_size=2))
+
+    def run_messages(sizes):
+        detokenizer, stops = IncrementalDetokenizer(tokenizer, []), StopStringMatcher(stop)
+        text, kept, start = "", [], 0
+        while start < len(ids):
+            size = sizes[len(kept) % len(sizes)]
+            chunk = ids[start : start + size]
+            start += size
+            piece, count, matched = text_of_tokens(chunk, start >= len(ids), detokenizer, stops)
+            text += piece
+            kept.append(chunk[:count])
+            if matched is not None:
+                break
+        return text, [t for chunk in kept for t in chunk], matched
+
+    one_by_one = run_messages([1])
+    merged = run_messages(data.draw(st.lists(st.integers(1, 7), min_size=1, max_size=4)))
+    assert merged == one_by_one
+    text, kept, matched = one_by_one
+    expected_text, expected_stop = reference(tokenizer.decode(ids, True), stop, False)
+    assert (text, matched) == (expected_text, expected_stop)
+    if matched is not None:  # the last kept token completed the stop string; one token fewer does not reach it
+        assert matched in tokenizer.decode(kept, True) and matched not in tokenizer.decode(kept[:-1], True)

@@ -87,3 +87,14 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def merged(self, later: "RequestOutput") -> "RequestOutput":
+        """This output followed by a later one of the same request, as one (for a consumer that fell behind)."""
+        return RequestOutput(
+            self.request_id,
+            self.new_token_ids + later.new_token_ids,
+            self.new_logprobs + later.new_logprobs,
+            self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+            later.finish_reason,
+            later.usage,
+        )

@@ -1,7 +1,8 @@
 """tessera.engine.v1.Engine over grpc.aio, in front of an EngineLoop running on its own thread.
 
-Each Generate call gets an asyncio queue; the engine thread hops each output onto the event loop, so the loop
-never blocks on a step and a slow stream only delays itself. Leaving the stream for any reason (done,
+Each Generate call gets an asyncio queue; the engine thread hops its outputs onto the event loop (one wake-up
+per step, loop_outbox.py), so the loop never blocks on a step and a slow stream only delays itself; a stream
+that fell behind sends what has queued up as one message per sample. Leaving the stream for any reason (done,
 cancelled, deadline, error) aborts whatever is still running, which frees its KV blocks within one step.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ import grpc
 from tessera.engine.convert import engine_params_from_request, output_to_proto
 from tessera.engine.engine import LLMEngine
 from tessera.engine.engine_loop import EngineLoop
+from tessera.engine.loop_outbox import LoopOutbox
+from tessera.engine.request import RequestOutput
 from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
 from tessera.metrics import TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN
 from tessera.serving import RpcError, request_id_from, rpc_method
@@ -34,7 +37,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         self.samples: dict[str, list[str]] = {}  # client request id -> engine request ids of its samples
 
     def attach(self, engine_loop: EngineLoop) -> None:
+        """Called on the server's event loop once the model is loaded."""
         self.loop = engine_loop
+        self.outbox = LoopOutbox(asyncio.get_running_loop())
 
     @property
     def engine(self) -> LLMEngine:
@@ -57,7 +62,6 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({self.max_queue} waiting); retry later")
 
         outputs: asyncio.Queue = asyncio.Queue()
-        event_loop = asyncio.get_running_loop()
         ids = [request_id] if n == 1 else [f"{request_id}/{i}" for i in range(n)]
         self.samples[request_id] = ids
         unfinished = set(range(n))
@@ -65,21 +69,20 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             for index, engine_id in enumerate(ids):
                 # Sample i of a seeded request uses seed + i, so the n samples differ but stay reproducible.
                 sample_params = params if params.seed is None else replace(params, seed=params.seed + index)
-                sink = lambda out, index=index: event_loop.call_soon_threadsafe(outputs.put_nowait, (index, out))
+                sink = lambda out, index=index: self.outbox.put(outputs, (index, out))
                 self.loop.submit(prompt, sample_params, sink, engine_id, request.priority)
             start = last = time.perf_counter()
             first = True
             while unfinished:
-                index, out = await outputs.get()
-                if isinstance(out, BaseException):
-                    raise out  # the step failed: rpc_method maps it (UNAVAILABLE for a lost worker)
-                now = time.perf_counter()
-                if out.new_token_ids:
-                    (TIME_TO_FIRST_TOKEN.observe(now - start) if first else TIME_PER_OUTPUT_TOKEN.observe(now - last))
-                    first, last = False, now
-                if out.finished:
-                    unfinished.discard(index)
-                yield output_to_proto(request_id, index, out)
+                for index, out in coalesce([await outputs.get()], outputs):
+                    now = time.perf_counter()
+                    if out.new_token_ids:
+                        (TIME_TO_FIRST_TOKEN.observe(now - start) if first else
+                         TIME_PER_OUTPUT_TOKEN.observe(now - last))
+                        first, last = False, now
+                    if out.finished:
+                        unfinished.discard(index)
+                    yield output_to_proto(request_id, index, out)
         finally:
             for index in unfinished:
                 self.loop.abort(ids[index])
@@ -128,6 +131,21 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             prefix_cache_hit_rate=stats["prefix_cache_hit_rate"],
             num_preemptions=stats["num_preemptions"],
         )
+
+
+def coalesce(first: list, outputs: asyncio.Queue) -> list[tuple[int, RequestOutput]]:
+    """The items already waiting, merged per sample: a stream that fell behind sends one message per sample,
+    not one per step. Raises the engine's error if one is queued (rpc_method maps it, UNAVAILABLE for a lost
+    worker)."""
+    merged: dict[int, RequestOutput] = {}
+    items = first
+    while not outputs.empty():
+        items.append(outputs.get_nowait())
+    for index, out in items:
+        if isinstance(out, BaseException):
+            raise out
+        merged[index] = merged[index].merged(out) if index in merged else out
+    return list(merged.items())
 
 
 def build_engine(config, worker_address: str | None = None, worker_step_timeout: float = 120.0) -> LLMEngine:

@@ -34,6 +34,23 @@ def optional(message, name: str, default):
     return getattr(message, name) if message.HasField(name) else default
 
 
+def text_of_tokens(ids, finished: bool, detokenizer: IncrementalDetokenizer,
+                   stops: StopStringMatcher) -> tuple[str, int, str | None]:
+    """(text to send, how many of `ids` to keep, the stop string that ended the stream or None) for one engine
+    message. Token by token, since a stream that lags gets several per message: a stop string ends the
+    completion at the token that completed it. A finished stream also flushes what was held back."""
+    text, kept, matched = "", len(ids), None
+    for i in range(len(ids) + finished):
+        piece, matched = stops.push(detokenizer.push(ids[i : i + 1]) if i < len(ids) else detokenizer.flush())
+        text += piece
+        if matched is not None:
+            return text, min(i + 1, len(ids)), matched
+    if finished:
+        text += stops.flush()
+        matched = stops.matched
+    return text, kept, matched
+
+
 def render_messages(tokenizer: Tokenizer, messages, add_generation_prompt: bool, template: str | None) -> str:
     chat = [{"role": m.role, "content": m.content} for m in messages]
     if not chat:
@@ -192,16 +209,13 @@ class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
         try:
             async for response in call:
                 started = True
-                completion_tokens += len(response.token_ids)
                 finished = response.finish_reason != engine_pb2.FINISH_REASON_UNSPECIFIED
-                text = detokenizer.push(response.token_ids) + (detokenizer.flush() if finished else "")
-                text, matched = stops.push(text)
-                if finished and matched is None:
-                    text += stops.flush()
-                    matched = stops.matched
+                ids = response.token_ids
+                text, kept, matched = text_of_tokens(ids, finished, detokenizer, stops)
+                completion_tokens += kept
                 out = tokenizer_pb2.GenerateResponse(
-                    request_id=request_id, index=index, text=text, token_ids=response.token_ids, logprobs=response.logprobs,
-                    prompt_logprobs=response.prompt_logprobs,
+                    request_id=request_id, index=index, text=text, token_ids=ids[:kept],
+                    logprobs=response.logprobs[:kept], prompt_logprobs=response.prompt_logprobs,
                 )
                 if matched is not None:
                     out.finish_reason = engine_pb2.FINISH_REASON_STOP
