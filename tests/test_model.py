@@ -9,7 +9,8 @@ from tessera.engine.attention.backend import AttentionMetadata
 from tessera.engine.attention.torch_backend import TorchAttentionBackend
 from tessera.engine.checkpoint import load_model
 from tessera.engine.model_config import CheckpointError
-from tessera.engine.models.packed_linear import PackedLinear, onednn_available, pack_linear_layers, resolve_cpu_matmul
+from tessera.engine.models.packed_linear import (PackedLinear, onednn_available, pack_linear_layers, padded_rows,
+                                                resolve_cpu_matmul)
 from tessera.engine.models.rope import inverse_frequencies
 
 BLOCK_SIZE = 4
@@ -182,6 +183,20 @@ def test_packed_linear_layers_give_the_plain_models_logits(preset, dtype, atol, 
     assert not torch.equal(logits, torch.zeros_like(logits))
     torch.testing.assert_close(logits, expected, atol=atol, rtol=0)
     assert torch.equal(logits.argmax(-1), expected.argmax(-1)) or dtype == "bfloat16"
+
+
+@needs_onednn
+def test_packed_linear_pads_row_counts_to_few_kernels_and_returns_exactly_the_rows():
+    weight, bias = torch.randn(96, 40), torch.randn(96)
+    layer = PackedLinear(weight, bias)
+    for rows in (1, 127, 128, 129, 143, 144, 1000):
+        x = torch.randn(rows, 40)
+        out = layer(x)
+        assert out.shape == (rows, 96)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    counts = {padded_rows(rows) for rows in range(1, 2049)}
+    assert len(counts) == 128 + (2048 - 128) // 16  # every decode batch size, then one kernel per 16 rows
+    assert all(0 <= padded_rows(rows) - rows < 16 for rows in range(1, 2049))
 
 
 def test_cpu_matmul_choice():
