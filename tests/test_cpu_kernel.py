@@ -128,3 +128,22 @@ def test_cpu_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("TESSERA_NATIVE_CPU_KERNELS", "0")
     assert paged_attention_cpu.load() is None
     assert TorchAttentionBackend().native_decode is None
+
+
+def test_cpu_kernel_loads_past_a_lock_file_left_by_a_killed_build(tmp_path):
+    """torch's build lock is a plain file: a build killed mid-way (SIGTERM during a first start) leaves it, and
+    torch alone would then wait for it forever. Here a copy of the built cache holds such a file."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    built = paged_attention_cpu.build_directory()
+    copy = tmp_path / "tessera" / built.name
+    shutil.copytree(built, copy)
+    (copy / "lock").write_text("")
+    script = "from tessera.kernels import paged_attention_cpu as k; print(k.load() is not None)"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "True", out.stderr[-2000:]
+    assert not (copy / "lock").exists()
