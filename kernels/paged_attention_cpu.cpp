@@ -1,5 +1,5 @@
 // Paged decode attention for the CPU: one query token per request, keys and values read in place from the
-// paged KV cache (no gather copy).
+// paged KV cache (no gather copy), all query heads that share a KV head served by one pass over its keys.
 //
 // Built on first use by kernels/paged_attention_cpu.py and registered as torch.ops.tessera.paged_decode_attention.
 // Reference: the PyTorch backend's gather + scaled_dot_product_attention (services/engine/attention/torch_backend.py).
@@ -13,23 +13,9 @@
 
 namespace {
 
-// Calls visit(t, span, offset) for each run of context tokens [t, t + span) that lie in one block, `offset`
-// being the run's first slot in the cache; t counts from `first`, the first token attended to.
-template <typename Visit>
-void for_each_block(const int32_t* block_table, int64_t first, int64_t length, int64_t block_size,
-                    int64_t block_stride, int64_t slot_stride, Visit visit) {
-  for (int64_t t = 0; t < length;) {
-    const int64_t position = first + t;
-    const int64_t span = std::min(length - t, block_size - position % block_size);
-    visit(t, span, block_table[position / block_size] * block_stride + (position % block_size) * slot_stride);
-    t += span;
-  }
-}
-
-// One work item: request r, all its heads. Keys, then values, are read a block at a time and head by head
-// inside it: a head's query (or accumulator) stays in registers across the block's tokens, and the block stays
-// in L1 across the heads. Scores for the whole context fit in a small buffer (heads x context floats), so the
-// softmax runs in plain passes between the two sweeps.
+// One work item: request r, all its heads. Each token's keys (then values) for every KV head sit together in
+// the cache, so one pass reads them as one contiguous row; the `group` query heads of a KV head share it.
+// Scores for the whole context fit in a small buffer (heads x context floats): softmax runs in plain passes.
 template <typename T>
 void attend_request(T* out, const T* q, const T* keys, const T* values, const int32_t* block_table, int64_t seq_len,
                     int64_t window, int64_t heads, int64_t group, int64_t head_dim, int64_t block_size,
@@ -42,20 +28,18 @@ void attend_request(T* out, const T* q, const T* keys, const T* values, const in
   acc.assign(heads * head_dim, 0.f);
   for (int64_t i = 0; i < heads * head_dim; ++i) query[i] = static_cast<float>(q[i]) * scale;
 
-  for_each_block(block_table, first, length, block_size, block_stride, slot_stride,
-                 [&](int64_t t0, int64_t span, int64_t offset) {
+  for (int64_t t = 0; t < length; ++t) {
+    const int64_t position = first + t;
+    const T* k = keys + block_table[position / block_size] * block_stride + (position % block_size) * slot_stride;
     for (int64_t h = 0; h < heads; ++h) {
-      const T* k = keys + offset + (h / group) * head_stride;
+      const T* kh = k + (h / group) * head_stride;
       const float* qh = query.data() + h * head_dim;
-      float* sh = scores.data() + h * length + t0;
-      for (int64_t t = 0; t < span; ++t, k += slot_stride) {
-        float s = 0.f;
+      float s = 0.f;
 #pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < head_dim; ++d) s += qh[d] * static_cast<float>(k[d]);
-        sh[t] = s;
-      }
+      for (int64_t d = 0; d < head_dim; ++d) s += qh[d] * static_cast<float>(kh[d]);
+      scores[h * length + t] = s;
     }
-  });
+  }
   for (int64_t h = 0; h < heads; ++h) {
     float* sh = scores.data() + h * length;
     const float m = *std::max_element(sh, sh + length);
@@ -67,19 +51,17 @@ void attend_request(T* out, const T* q, const T* keys, const T* values, const in
     const float inv = 1.f / sum;
     for (int64_t t = 0; t < length; ++t) sh[t] *= inv;
   }
-  for_each_block(block_table, first, length, block_size, block_stride, slot_stride,
-                 [&](int64_t t0, int64_t span, int64_t offset) {
+  for (int64_t t = 0; t < length; ++t) {
+    const int64_t position = first + t;
+    const T* v = values + block_table[position / block_size] * block_stride + (position % block_size) * slot_stride;
     for (int64_t h = 0; h < heads; ++h) {
-      const T* v = values + offset + (h / group) * head_stride;
-      const float* ph = scores.data() + h * length + t0;
+      const T* vh = v + (h / group) * head_stride;
+      const float p = scores[h * length + t];
       float* ah = acc.data() + h * head_dim;
-      for (int64_t t = 0; t < span; ++t, v += slot_stride) {
-        const float p = ph[t];
 #pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d) ah[d] += p * static_cast<float>(v[d]);
-      }
+      for (int64_t d = 0; d < head_dim; ++d) ah[d] += p * static_cast<float>(vh[d]);
     }
-  });
+  }
   for (int64_t i = 0; i < heads * head_dim; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
