@@ -11,14 +11,11 @@ weights are loaded: the worker's choice, so load_model keeps returning the plain
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger("tessera.worker")
 
 CHOICES = ("auto", "onednn", "aten")
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)  # what oneDNN's CPU matmul takes; float16 stays on aten
