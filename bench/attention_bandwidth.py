@@ -72,11 +72,11 @@ def attention_bandwidth(peak: float) -> None:
 
 
 def build_model(args):
-    from tessera.engine.attention.triton_backend import TritonAttentionBackend
-    from tessera.engine.checkpoint import load_model
-    from tessera.engine.model_config import ModelConfig
-    from tessera.engine.models import model_class
-    from tessera.engine.models.rope import RotaryEmbedding
+    from tessera.worker.attention.triton_backend import TritonAttentionBackend
+    from tessera.worker.checkpoint import load_model
+    from tessera.model_config import ModelConfig
+    from tessera.worker.models import model_class
+    from tessera.worker.models.rope import RotaryEmbedding
 
     backend = TritonAttentionBackend()
     if args.model:
@@ -110,8 +110,8 @@ def build_model(args):
 
 @torch.inference_mode()
 def decode_batch_one(peak: float, args) -> None:
-    from tessera.engine.attention.backend import AttentionMetadata
-    from tessera.engine.cuda_graphs import CudaGraphRunner
+    from tessera.worker.attention.backend import AttentionMetadata
+    from tessera.worker.cuda_graphs import CudaGraphRunner
 
     model, config = build_model(args)
     context = min(args.context, config.max_model_len - 1)

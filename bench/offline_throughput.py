@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from bench_model import BENCH_SHAPE, build_bench_model, make_workload
 from tessera.engine.engine import EngineConfig, LLMEngine
-from tessera.engine.models.packed_linear import PackedLinear, onednn_available
-from tessera.engine.sampling_params import SamplingParams
+from tessera.worker.models.packed_linear import PackedLinear, onednn_available
+from tessera.sampling_params import SamplingParams
 
 
 def run_tessera(model_dir, workload, kv_cache_memory, cpu_matmul) -> tuple[float, int, LLMEngine]:

@@ -33,7 +33,7 @@ import torch
 
 from bench_model import build_bench_model, make_workload
 from tessera.engine.engine import EngineConfig, LLMEngine
-from tessera.engine.sampling_params import SamplingParams
+from tessera.sampling_params import SamplingParams
 from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
 from tessera.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 

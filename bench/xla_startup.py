@@ -30,7 +30,7 @@ BUCKETS = dict(min_token_bucket=16, min_request_bucket=1, padding_gap=0)
 
 def workload(count: int, seed: int = 0):
     """Prompts of 1 to 60 tokens, 1 to 20 new tokens; greedy, random (some seeded), and host-sampled rows."""
-    from tessera.engine.sampling_params import SamplingParams
+    from tessera.sampling_params import SamplingParams
 
     rng = random.Random(seed)
     prompts, params = [], []
@@ -54,11 +54,12 @@ def workload(count: int, seed: int = 0):
 def child(model_dir: str, cache_dir: str, requests: int) -> dict:
     """One start and one workload in this process; returns what the parent prints."""
     from tessera.engine.engine import EngineConfig, LLMEngine
-    from tessera.engine.xla.model_runner import XlaWorker, compile_counts, xla_config_for
+    from tessera.engine.local_worker import worker_config
+    from tessera.worker.xla.model_runner import XlaWorker, compile_counts, xla_config_for
 
     config = EngineConfig(model=model_dir, **ENGINE)
     start = time.perf_counter()
-    worker = XlaWorker(config.worker_config(), xla_config_for(config, cache_path=cache_dir, **BUCKETS))
+    worker = XlaWorker(worker_config(config), xla_config_for(config, cache_path=cache_dir, **BUCKETS))
     start_s = time.perf_counter() - start
     engine = LLMEngine(config, worker=worker)
     prompts, params = workload(requests)

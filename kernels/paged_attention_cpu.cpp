@@ -2,7 +2,7 @@
 // paged KV cache (no gather copy), all query heads that share a KV head served by one pass over its keys.
 //
 // Built on first use by kernels/paged_attention_cpu.py and registered as torch.ops.tessera.paged_decode_attention.
-// Reference: the PyTorch backend's gather + scaled_dot_product_attention (services/engine/attention/torch_backend.py).
+// Reference: the PyTorch backend's gather + scaled_dot_product_attention (services/worker/attention/torch_backend.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

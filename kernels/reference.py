@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tessera.engine.models.rope import apply_rotary
+from tessera.worker.models.rope import apply_rotary
 
 
 def paged_attention_ref(q, key_cache, value_cache, query_start_loc, seq_lens, block_tables, scale,

@@ -129,9 +129,9 @@ def run_engine(args) -> None:
 
 def run_worker(args) -> None:
     let_compute_threads_sleep()
-    from tessera.engine.device import resolve_device
-    from tessera.engine.worker import WorkerConfig
-    from tessera.engine.worker_service import serve_worker
+    from tessera.worker.device import resolve_device
+    from tessera.worker.worker import WorkerConfig
+    from tessera.worker.service import serve_worker
 
     if resolve_device(args.device).type == "xla":
         # The XLA runner compiles buckets sized by the engine's limits, which a separate worker does not know.

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tessera.engine.sampling_params import InvalidParam
+from tessera.sampling_params import InvalidParam
 from tessera.metrics import REQUESTS
 
 log = logging.getLogger("tessera.server")

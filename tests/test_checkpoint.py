@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_checkpoints import preset_checkpoint
 
-from tessera.engine.attention.torch_backend import TorchAttentionBackend
-from tessera.engine.checkpoint import CheckpointError, checkpoint_files, iter_weights, load_model
-from tessera.engine.model_config import ModelConfig
+from tessera.worker.attention.torch_backend import TorchAttentionBackend
+from tessera.worker.checkpoint import CheckpointError, checkpoint_files, iter_weights, load_model
+from tessera.model_config import ModelConfig
 
 
 def editable_copy(tmp_path_factory, tmp_path: Path, preset: str, **extra) -> Path:

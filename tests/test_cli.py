@@ -122,7 +122,7 @@ def test_compose_runs_one_engine_per_profile_behind_the_name_the_tokenizer_dials
 
 
 def test_a_remote_tpu_worker_is_refused_clearly(monkeypatch):
-    from tessera.engine import device
+    from tessera.worker import device
 
     monkeypatch.setattr(device, "resolve_device", lambda name=None: __import__("torch").device("xla"))
     from tessera import cli

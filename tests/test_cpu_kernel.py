@@ -11,8 +11,8 @@ import random
 import pytest
 import torch
 
-from tessera.engine.attention.backend import AttentionMetadata
-from tessera.engine.attention.torch_backend import TorchAttentionBackend
+from tessera.worker.attention.backend import AttentionMetadata
+from tessera.worker.attention.torch_backend import TorchAttentionBackend
 from tessera.kernels import paged_attention_cpu
 from tessera.kernels.reference import paged_attention_ref
 

@@ -8,7 +8,7 @@ import torch
 
 from servers import ServerProcess
 from tessera.engine.engine import EngineConfig, LLMEngine
-from tessera.engine.sampling_params import SamplingParams
+from tessera.sampling_params import SamplingParams
 from tessera.engine.v1 import engine_pb2
 from tessera.tokenizer.tokenizer import Tokenizer
 from tessera.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc

@@ -13,13 +13,13 @@ from hf_reference import assert_greedy_matches_transformers
 from test_engine import NEW_TOKENS, random_prompts
 from tiny_checkpoints import PRESETS, preset_checkpoint
 
-from tessera.engine import device as device_module
-from tessera.engine.attention.torch_backend import TorchAttentionBackend
-from tessera.engine.device import DeviceError, attention_backend_for, default_dtype_for, resolve_device
+from tessera.worker import device as device_module
+from tessera.worker.attention.torch_backend import TorchAttentionBackend
+from tessera.worker.device import DeviceError, attention_backend_for, default_dtype_for, resolve_device
 from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.engine.request import FinishReason
-from tessera.engine.sampling_params import SamplingParams
-from tessera.engine.worker import Worker, WorkerConfig
+from tessera.sampling_params import SamplingParams
+from tessera.worker.worker import Worker, WorkerConfig
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -91,7 +91,7 @@ def test_tpu_and_its_backend_through_torch_xla(monkeypatch):
     class XlaAttentionBackend(TorchAttentionBackend):
         name = "xla"
 
-    backend_module = "tessera.engine.attention.xla_backend"
+    backend_module = "tessera.worker.attention.xla_backend"
     if importlib.util.find_spec(backend_module) is None:
         with pytest.raises(DeviceError, match="no XLA attention backend"):
             attention_backend_for(torch.device("xla"))

@@ -9,9 +9,9 @@ import torch
 
 from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.engine.engine_loop import EngineLoop
-from tessera.engine.models.packed_linear import onednn_available
+from tessera.worker.models.packed_linear import onednn_available
 from tessera.engine.request import FinishReason
-from tessera.engine.sampling_params import InvalidParam, SamplingParams
+from tessera.sampling_params import InvalidParam, SamplingParams
 from hf_reference import assert_greedy_matches_transformers, hf_model
 from tiny_checkpoints import PRESETS, preset_checkpoint
 

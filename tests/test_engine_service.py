@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from servers import ServerProcess, free_port
 from tessera.engine.engine import EngineConfig, LLMEngine
-from tessera.engine.sampling_params import SamplingParams
+from tessera.sampling_params import SamplingParams
 from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
 from tiny_checkpoints import preset_checkpoint
 
@@ -228,7 +228,7 @@ def test_outputs_waiting_for_a_lagging_stream_merge_per_sample():
 
     from tessera.engine.request import FinishReason, RequestOutput, Usage
     from tessera.engine.service import coalesce
-    from tessera.engine.step import TokenLogprobs
+    from tessera.step import TokenLogprobs
 
     def lp(token):
         return TokenLogprobs(token, -0.5, [])

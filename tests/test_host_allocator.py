@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 # Where does a fresh 16 MiB malloc land: in the [heap] mapping, or in a mapping of its own?
 SCRIPT = """
 import ctypes, sys
-from tessera.engine.host_allocator import keep_large_allocations_in_heap
+from tessera.worker.host_allocator import keep_large_allocations_in_heap
 if sys.argv[1] == "tuned":
     assert keep_large_allocations_in_heap() and keep_large_allocations_in_heap()  # idempotent
 libc = ctypes.CDLL("libc.so.6")

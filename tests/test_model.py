@@ -5,13 +5,13 @@ import pytest
 import torch
 from tiny_checkpoints import PRESETS, preset_checkpoint
 
-from tessera.engine.attention.backend import AttentionMetadata
-from tessera.engine.attention.torch_backend import TorchAttentionBackend
-from tessera.engine.checkpoint import load_model
-from tessera.engine.model_config import CheckpointError
-from tessera.engine.models.packed_linear import (PackedLinear, onednn_available, pack_linear_layers, padded_rows,
+from tessera.worker.attention.backend import AttentionMetadata
+from tessera.worker.attention.torch_backend import TorchAttentionBackend
+from tessera.worker.checkpoint import load_model
+from tessera.model_config import CheckpointError
+from tessera.worker.models.packed_linear import (PackedLinear, onednn_available, pack_linear_layers, padded_rows,
                                                 resolve_cpu_matmul)
-from tessera.engine.models.rope import inverse_frequencies
+from tessera.worker.models.rope import inverse_frequencies
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 16

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from tessera.engine import step
-from tessera.engine.sampling_params import SamplingParams
+from tessera import step
+from tessera.sampling_params import SamplingParams
 from tessera.engine.v1 import engine_pb2
 from tessera.tokenizer.v1 import tokenizer_pb2
 from tessera.worker.v1 import worker_pb2

@@ -12,14 +12,14 @@ from hypothesis import strategies as st
 
 from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.engine.engine_loop import EngineLoop
-from tessera.engine.model_config import ModelConfig
+from tessera.model_config import ModelConfig
 from tessera.engine.remote_worker import RemoteWorker, WorkerUnavailable
-from tessera.engine.sampling_params import SamplingParams
-from tessera.engine.step import NewRequest, StepPlan, StepResult, TokenLogprobs
-from tessera.engine.worker_protocol import (
-    SERVICE_NAME, describe, params_from_proto, params_to_proto, plan_from_proto, plan_to_proto, result_from_proto,
-    result_to_proto,
+from tessera.sampling_params import SamplingParams
+from tessera.step import (
+    SERVICE_NAME, NewRequest, StepPlan, StepResult, TokenLogprobs, params_from_proto, params_to_proto, plan_from_proto,
+    plan_to_proto, result_from_proto, result_to_proto,
 )
+from tessera.worker.service import describe
 from tessera.worker.v1 import worker_pb2, worker_pb2_grpc
 from servers import ServerProcess, free_port
 from tiny_checkpoints import preset_checkpoint

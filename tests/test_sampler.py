@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from tessera.engine.sampler import Sampler, SamplingRow, top_logprobs
-from tessera.engine.sampling_params import SamplingParams
+from tessera.worker.sampler import Sampler, SamplingRow, top_logprobs
+from tessera.sampling_params import SamplingParams
 
 VOCAB = 64
 EOS = 2
@@ -344,7 +344,7 @@ def test_top_k_ranks_negative_zero_and_banned_logits_correctly():
 def test_top_p_candidates_shortcut_filters_exactly_like_the_full_sort():
     """Top-p without top-k first tries a partial sort of a few candidates; whether the nucleus fits there or
     not (then it falls back), the mask must be the full sort's."""
-    from tessera.engine.sampler import _apply_top_k_top_p
+    from tessera.worker.sampler import _apply_top_k_top_p
 
     torch.manual_seed(0)
     peaked = torch.randn(6, 5000) * 6.0  # a trained model's shape: the nucleus is a few dozen tokens

@@ -27,14 +27,15 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e .[
 
 from tiny_checkpoints import preset_checkpoint  # noqa: E402
 
-from tessera.engine.attention.backend import AttentionMetadata  # noqa: E402
-from tessera.engine.attention.torch_backend import TorchAttentionBackend  # noqa: E402
-from tessera.engine.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from tessera.engine.cuda_graphs import CudaGraphRunner  # noqa: E402
+from tessera.worker.attention.backend import AttentionMetadata  # noqa: E402
+from tessera.worker.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from tessera.worker.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from tessera.worker.cuda_graphs import CudaGraphRunner  # noqa: E402
 from tessera.engine.engine import EngineConfig, LLMEngine  # noqa: E402
-from tessera.engine.models.rope import RotaryEmbedding, apply_rotary  # noqa: E402
-from tessera.engine.sampling_params import SamplingParams  # noqa: E402
-from tessera.engine.worker import Worker  # noqa: E402
+from tessera.engine.local_worker import worker_config  # noqa: E402
+from tessera.worker.models.rope import RotaryEmbedding, apply_rotary  # noqa: E402
+from tessera.sampling_params import SamplingParams  # noqa: E402
+from tessera.worker.worker import Worker  # noqa: E402
 from tessera.kernels.kv_write import kv_write  # noqa: E402
 from tessera.kernels.paged_attention import paged_attention  # noqa: E402
 from tessera.kernels.reference import apply_rotary_ref, kv_write_ref, paged_attention_ref, rms_norm_ref  # noqa: E402
@@ -270,7 +271,7 @@ def requests(seed: int):
 
 def torch_backend_tokens(model_dir, prompts, params):
     config = engine_config(model_dir)
-    engine = LLMEngine(config, worker=Worker(config.worker_config(), TorchAttentionBackend()))
+    engine = LLMEngine(config, worker=Worker(worker_config(config), TorchAttentionBackend()))
     return [c.token_ids for c in engine.generate(prompts, params)]
 
 
@@ -297,7 +298,7 @@ def test_triton_backend_engine_greedy_tokens_match_torch_backend(tmp_path_factor
     norm_calls = spy(monkeypatch, tessera.kernels.rms_norm, "rms_norm")
     rotary_calls = spy(monkeypatch, tessera.kernels.rotary, "apply_rotary_")
     # On a GPU the worker picks the Triton backend (and CUDA graphs) by itself.
-    worker = Worker(config.worker_config(), None if DEVICE == "cuda" else TritonAttentionBackend())
+    worker = Worker(worker_config(config), None if DEVICE == "cuda" else TritonAttentionBackend())
     assert worker.attn_backend.name == "triton"
     got = LLMEngine(config, worker=worker).generate(prompts, params)
     assert norm_calls and rotary_calls  # the model ran the fused RMSNorm and rotary kernels
@@ -325,7 +326,7 @@ def test_cuda_graph_runner_buffers_and_padding_with_triton_kernels(tmp_path_fact
     model_dir = preset_checkpoint(tmp_path_factory, "llama")
     prompts, params = requests(seed=8)
     config = engine_config(model_dir)
-    worker = Worker(config.worker_config(), TritonAttentionBackend())
+    worker = Worker(worker_config(config), TritonAttentionBackend())
     cache_before = [c.clone() for c in worker.kv_caches]
     worker.cuda_graphs = EagerGraphs(worker.model, worker.kv_caches, worker.block_size,
                                      worker.model_config.max_model_len, max_batch_size=4)

@@ -1,1 +1,1 @@
-"""The engine role (scheduler, logical KV cache) and the worker role (model, physical KV, sampler)."""
+"""The engine role: scheduler, logical KV cache (block pool, prefix cache), engine loop and Engine service."""

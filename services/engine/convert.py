@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from tessera.engine.request import FinishReason, RequestOutput
-from tessera.engine.sampling_params import InvalidParam, SamplingParams
-from tessera.engine.step import TokenLogprobs
+from tessera.sampling_params import InvalidParam, SamplingParams
+from tessera.step import TokenLogprobs
 from tessera.engine.v1 import engine_pb2
 
 FINISH_REASONS = {

@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 from tessera.engine.kv_cache_manager import KVCacheManager
-from tessera.engine.model_config import ModelConfig
 from tessera.engine.request import FinishReason, Request, RequestOutput, Usage
-from tessera.engine.sampling_params import InvalidParam, SamplingParams
 from tessera.engine.scheduler import Scheduler, SchedulerConfig, usage_of
-from tessera.engine.step import StepPlan, StepResult, TokenLogprobs
-from tessera.engine.worker import Worker, WorkerConfig
+from tessera.model_config import ModelConfig
+from tessera.sampling_params import InvalidParam, SamplingParams
+from tessera.step import StepPlan, StepResult, TokenLogprobs
 
 log = logging.getLogger("tessera.engine")
 
@@ -45,22 +44,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_logprobs: int = 20
     enforce_eager: bool = False  # CUDA: no CUDA graphs
-    cpu_matmul: str = "auto"  # CPU linear layers: onednn, aten, or auto (see models/packed_linear.py)
-
-    def worker_config(self) -> WorkerConfig:
-        return WorkerConfig(self.model, self.dtype, self.device, self.block_size, self.kv_cache_memory,
-                            self.num_kv_blocks, self.enforce_eager, self.cpu_matmul)
-
-
-def make_worker(config: EngineConfig) -> WorkerClient:
-    """The in-process worker for the configured device: XLA needs its own static-shape runner."""
-    from tessera.engine.device import resolve_device
-
-    if resolve_device(config.device).type == "xla":
-        from tessera.engine.xla.model_runner import XlaWorker, xla_config_for
-
-        return XlaWorker(config.worker_config(), xla_config_for(config))
-    return Worker(config.worker_config())
+    cpu_matmul: str = "auto"  # CPU linear layers: onednn, aten, or auto (see worker/models/packed_linear.py)
 
 
 @dataclass
@@ -78,7 +62,11 @@ class Completion:
 class LLMEngine:
     def __init__(self, config: EngineConfig, worker: WorkerClient | None = None):
         self.config = config
-        self.worker = worker or make_worker(config)
+        if worker is None:
+            from tessera.engine.local_worker import make_local_worker
+
+            worker = make_local_worker(config)
+        self.worker = worker
         self.model_config = self.worker.model_config
         max_model_len = min(config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
         self.max_model_len = max_model_len

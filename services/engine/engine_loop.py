@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 
 from tessera.engine.engine import LLMEngine
 from tessera.engine.request import Request, RequestOutput
-from tessera.engine.sampling_params import InvalidParam, SamplingParams
+from tessera.sampling_params import InvalidParam, SamplingParams
 
 log = logging.getLogger("tessera.engine")
 

@@ -19,9 +19,9 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tessera.engine.model_config import parse_dtype
-from tessera.engine.step import StepPlan, StepResult
-from tessera.engine.worker_protocol import SERVICE_NAME, plan_to_proto, result_from_proto
+from tessera.model_config import parse_dtype
+from tessera.step import StepPlan, StepResult
+from tessera.step import SERVICE_NAME, plan_to_proto, result_from_proto
 from tessera.serving import CHANNEL_OPTIONS, RpcError
 from tessera.worker.v1 import worker_pb2, worker_pb2_grpc
 

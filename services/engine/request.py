@@ -5,8 +5,8 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-from tessera.engine.sampling_params import SamplingParams
-from tessera.engine.step import TokenLogprobs
+from tessera.sampling_params import SamplingParams
+from tessera.step import TokenLogprobs
 
 _arrival_counter = itertools.count()
 

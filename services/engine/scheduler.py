@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tessera.engine.kv_cache_manager import KVCacheManager
 from tessera.engine.request import FinishReason, Request, RequestOutput, RequestStatus, Usage
-from tessera.engine.step import NewRequest, StepPlan, StepResult
+from tessera.step import NewRequest, StepPlan, StepResult
 
 
 @dataclass

@@ -159,7 +159,7 @@ def build_engine(config, worker_address: str | None = None, worker_step_timeout:
 def warm_up(engine: LLMEngine) -> None:
     """One short request through every stage, so the first client does not pay for lazy initialisation."""
     from tessera.engine.kv_cache_manager import PrefixCacheStats
-    from tessera.engine.sampling_params import SamplingParams
+    from tessera.sampling_params import SamplingParams
 
     engine.generate([[0] * 8], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     engine.kv.reset_prefix_cache()

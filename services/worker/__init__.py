@@ -1,1 +1,1 @@
-"""The generated tessera.worker.v1 gRPC stubs only; the worker role itself lives in services/engine/."""
+"""The worker role: model, physical KV tensors, attention backends, sampler, checkpoint loading, the Worker service."""

@@ -20,11 +20,12 @@ import torch  # noqa: E402
 import torch_xla  # noqa: E402
 from torch_xla.experimental.custom_kernel import ragged_paged_attention  # noqa: E402
 
-from tessera.engine.attention.xla_backend import static_ragged_paged_attention  # noqa: E402
+from tessera.worker.attention.xla_backend import static_ragged_paged_attention  # noqa: E402
 from tessera.engine.engine import EngineConfig, LLMEngine  # noqa: E402
-from tessera.engine.sampling_params import SamplingParams  # noqa: E402
-from tessera.engine.xla.buckets import padding_buckets, pick_bucket  # noqa: E402
-from tessera.engine.xla.model_runner import XlaWorker, compile_counts, xla_config_for  # noqa: E402
+from tessera.engine.local_worker import worker_config  # noqa: E402
+from tessera.sampling_params import SamplingParams  # noqa: E402
+from tessera.worker.xla.buckets import padding_buckets, pick_bucket  # noqa: E402
+from tessera.worker.xla.model_runner import XlaWorker, compile_counts, xla_config_for  # noqa: E402
 from tiny_checkpoints import preset_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -35,7 +36,7 @@ def engines(model_dir, **xla_overrides) -> tuple[LLMEngine, LLMEngine]:
     """(XLA engine, CPU engine) on the same checkpoint and limits; the XLA one compiles on demand."""
     config = EngineConfig(model=str(model_dir), **ENGINE)
     xla = xla_config_for(config, cache_path="", **{"warm_up": False, **BUCKETS, **xla_overrides})
-    return LLMEngine(config, worker=XlaWorker(config.worker_config(), xla)), LLMEngine(config)
+    return LLMEngine(config, worker=XlaWorker(worker_config(config), xla)), LLMEngine(config)
 
 
 def random_prompts(count, low, high, seed=0):
@@ -135,7 +136,7 @@ def test_strict_mode_fails_loudly_on_a_compilation_after_warm_up(tmp_path_factor
     config = EngineConfig(model=str(preset_checkpoint(tmp_path_factory, "llama")), **limits)
     # Buckets 32 x 2 only: warm-up compiles 2 graphs (device and host).
     xla = xla_config_for(config, cache_path="", strict=True, min_token_bucket=32, min_request_bucket=2)
-    worker = XlaWorker(config.worker_config(), xla)
+    worker = XlaWorker(worker_config(config), xla)
     engine = LLMEngine(config, worker=worker)
     assert len(engine.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3))[0].token_ids) == 3
     worker.token_buckets = [8, 32]  # a shape the warm-up never saw: the next decode step pads to 8 tokens

@@ -28,7 +28,7 @@ if _version_not_supported:
 class WorkerStub:
     """Device execution, driven by one engine. Internal: the engine usually runs its worker in-process, and
     uses this service only when workers are separate processes. The messages mirror
-    services/engine/step.py field for field, so converting is a copy by field name.
+    services/step.py field for field, so converting is a copy by field name.
     """
 
     def __init__(self, channel):
@@ -52,7 +52,7 @@ class WorkerStub:
 class WorkerServicer:
     """Device execution, driven by one engine. Internal: the engine usually runs its worker in-process, and
     uses this service only when workers are separate processes. The messages mirror
-    services/engine/step.py field for field, so converting is a copy by field name.
+    services/step.py field for field, so converting is a copy by field name.
     """
 
     def Execute(self, request_iterator, context):
@@ -96,7 +96,7 @@ def add_WorkerServicer_to_server(servicer, server):
 class Worker:
     """Device execution, driven by one engine. Internal: the engine usually runs its worker in-process, and
     uses this service only when workers are separate processes. The messages mirror
-    services/engine/step.py field for field, so converting is a copy by field name.
+    services/step.py field for field, so converting is a copy by field name.
     """
 
     @staticmethod

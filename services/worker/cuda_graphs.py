@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tessera.engine.attention.backend import AttentionMetadata
+from tessera.worker.attention.backend import AttentionMetadata
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:

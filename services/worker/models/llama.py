@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.engine.attention.backend import AttentionBackend, AttentionMetadata
-from tessera.engine.model_config import CheckpointError, ModelConfig
-from tessera.engine.models.rope import RotaryEmbedding, apply_rotary
+from tessera.worker.attention.backend import AttentionBackend, AttentionMetadata
+from tessera.model_config import CheckpointError, ModelConfig
+from tessera.worker.models.rope import RotaryEmbedding, apply_rotary
 
 
 class RMSNorm(nn.Module):

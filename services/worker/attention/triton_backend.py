@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tessera.engine.attention.backend import AttentionBackend, AttentionMetadata
+from tessera.worker.attention.backend import AttentionBackend, AttentionMetadata
 from tessera.kernels.kv_write import kv_write
 from tessera.kernels.paged_attention import paged_attention
 

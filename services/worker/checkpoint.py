@@ -13,10 +13,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from tessera.engine.attention.backend import AttentionBackend
-from tessera.engine.model_config import CheckpointError, ModelConfig
-from tessera.engine.models import model_class
-from tessera.engine.models.rope import RotaryEmbedding
+from tessera.worker.attention.backend import AttentionBackend
+from tessera.model_config import CheckpointError, ModelConfig
+from tessera.worker.models import model_class
+from tessera.worker.models.rope import RotaryEmbedding
 
 __all__ = ["CheckpointError", "checkpoint_files", "iter_weights", "load_model"]
 

@@ -11,17 +11,36 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from tessera.engine.worker import Worker, WorkerConfig
-from tessera.engine.worker_protocol import SERVICE_NAME, describe, plan_from_proto, result_to_proto
 from tessera.metrics import serve_metrics
 from tessera.serving import RpcError, Server, rpc_method
+from tessera.step import SERVICE_NAME, plan_from_proto, result_to_proto
 from tessera.worker.v1 import worker_pb2, worker_pb2_grpc
+from tessera.worker.worker import Worker, WorkerConfig
 
 log = logging.getLogger("tessera.worker")
 
 # On SIGTERM there is no point in waiting for the engine's stream: it never ends by itself, and the engine
 # fails its requests once the worker goes, whenever that is.
 GRACE_SECONDS = 2.0
+
+
+def describe(worker: Worker) -> worker_pb2.DescribeResponse:
+    """The loaded model and the KV cache of an in-process Worker."""
+    mc = worker.model_config
+    return worker_pb2.DescribeResponse(
+        model_path=str(mc.model_dir),
+        architecture=mc.architecture,
+        vocab_size=mc.vocab_size,
+        max_model_len=mc.max_model_len,
+        eos_token_ids=mc.eos_token_ids,
+        dtype=str(mc.dtype).removeprefix("torch."),
+        device=str(worker.device),
+        attention_backend=worker.attn_backend.name,
+        num_blocks=worker.num_blocks,
+        block_size=worker.block_size,
+        kv_bytes_per_token=mc.kv_bytes_per_token,
+        kv_cache_bytes=worker.num_blocks * worker.block_size * mc.kv_bytes_per_token,
+    )
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from tessera.engine.sampling_params import SamplingParams
+from tessera.sampling_params import SamplingParams
 
 
 @dataclass

@@ -27,11 +27,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tessera.engine.attention.xla_backend import XlaAttentionBackend, XlaAttentionMetadata
-from tessera.engine.step import StepPlan, StepResult, TokenLogprobs
-from tessera.engine.worker import Worker, WorkerConfig, _RequestState
-from tessera.engine.xla.buckets import padding_buckets, pick_bucket
-from tessera.engine.xla.sampler import sample, seed_key
+from tessera.worker.attention.xla_backend import XlaAttentionBackend, XlaAttentionMetadata
+from tessera.step import StepPlan, StepResult, TokenLogprobs
+from tessera.worker.worker import Worker, WorkerConfig, _RequestState
+from tessera.worker.xla.buckets import padding_buckets, pick_bucket
+from tessera.worker.xla.sampler import sample, seed_key
 
 log = logging.getLogger("tessera.worker.xla")
 

@@ -10,15 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.engine.attention.backend import AttentionBackend, AttentionMetadata
-from tessera.engine.checkpoint import load_model
-from tessera.engine.device import attention_backend_for, default_dtype_for, resolve_device
-from tessera.engine.host_allocator import keep_large_allocations_in_heap
-from tessera.engine.model_config import ModelConfig
-from tessera.engine.models.packed_linear import pack_linear_layers, resolve_cpu_matmul
-from tessera.engine.sampler import Sampler, SamplingRow, top_logprobs
-from tessera.engine.sampling_params import SamplingParams
-from tessera.engine.step import StepPlan, StepResult, TokenLogprobs
+from tessera.worker.attention.backend import AttentionBackend, AttentionMetadata
+from tessera.worker.checkpoint import load_model
+from tessera.worker.device import attention_backend_for, default_dtype_for, resolve_device
+from tessera.worker.host_allocator import keep_large_allocations_in_heap
+from tessera.model_config import ModelConfig
+from tessera.worker.models.packed_linear import pack_linear_layers, resolve_cpu_matmul
+from tessera.worker.sampler import Sampler, SamplingRow, top_logprobs
+from tessera.sampling_params import SamplingParams
+from tessera.step import StepPlan, StepResult, TokenLogprobs
 
 log = logging.getLogger("tessera.worker")
 
@@ -71,7 +71,7 @@ class Worker:
         self.cuda_graphs = None
         graphs_ok = getattr(self.attn_backend, "supports_cuda_graphs", False)
         if self.device.type == "cuda" and graphs_ok and not config.enforce_eager:
-            from tessera.engine.cuda_graphs import CudaGraphRunner
+            from tessera.worker.cuda_graphs import CudaGraphRunner
 
             self.cuda_graphs = CudaGraphRunner(self.model, self.kv_caches, self.block_size, mc.max_model_len)
             self.cuda_graphs.capture()

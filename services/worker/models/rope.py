@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tessera.engine.model_config import CheckpointError
+from tessera.model_config import CheckpointError
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

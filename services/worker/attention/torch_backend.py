@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tessera.engine.attention.backend import AttentionBackend, AttentionMetadata
+from tessera.worker.attention.backend import AttentionBackend, AttentionMetadata
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -1,16 +1,62 @@
-"""Conversions between the step dataclasses (step.py) and the tessera.worker.v1 messages, field by field.
+"""The step contract: the one thing the engine role (scheduler, logical KV) and the worker role (model,
+physical KV) share, and the only part of the worker's side the engine imports.
 
-Round trips are exact for everything the engine and the worker exchange. Floats travel as float32: the worker
-computes every logprob in float32, so logprobs arrive bit for bit; sampling parameters arrive rounded to
-float32, which changes nothing because the sampler turns them into float32 tensors anyway.
+Each step the engine sends a StepPlan holding only deltas: a request's tokens and parameters travel once, when
+it is new to the worker (or resumes after preemption); after that only its new block ids do, and the worker
+keeps the rest. The worker answers with a StepResult. In-process they are passed as these dataclasses; to a
+worker process they travel as tessera.worker.v1 messages, converted field by field at the end of this module.
+Round trips are exact: floats travel as float32, and the worker computes every logprob in float32, so logprobs
+arrive bit for bit; sampling parameters arrive rounded to float32, which changes nothing because the sampler
+turns them into float32 tensors anyway.
 """
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 
-from tessera.engine.sampling_params import SamplingParams
-from tessera.engine.step import NewRequest, StepPlan, StepResult, TokenLogprobs
+from tessera.sampling_params import SamplingParams
 from tessera.worker.v1 import worker_pb2 as pb
+
+
+@dataclass
+class NewRequest:
+    request_id: str
+    token_ids: list[int]  # the prompt, plus outputs so far when it resumes after preemption
+    num_prompt_tokens: int
+    params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int  # tokens whose KV is already in the cache (prefix hit)
+
+
+@dataclass
+class StepPlan:
+    new_requests: list[NewRequest] = field(default_factory=list)
+    new_block_ids: dict[str, list[int]] = field(default_factory=dict)  # appended to known requests' tables
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # every request that runs this step
+    finished_request_ids: list[str] = field(default_factory=list)  # finished, aborted or preempted: forget them
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the N most likely (token id, logprob), most likely first
+
+
+@dataclass
+class StepResult:
+    # One entry for each request whose whole context is computed after this step (a decode, or the last prefill
+    # chunk); a request in the middle of its prefill samples nothing.
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # only for requests that asked
+    # Logprobs of the prompt tokens this step's chunk predicted, in prompt order (the first prompt token has none).
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+# -- the wire form (tessera.worker.v1) -------------------------------------------------------------------
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Worker"].full_name  # "tessera.worker.v1.Worker"
 
@@ -119,24 +165,3 @@ def result_from_proto(message: pb.StepResult) -> StepResult:
     for entry in message.prompt_logprobs:
         result.prompt_logprobs[entry.request_id] = [_logprobs_from_proto(e) for e in entry.logprobs]
     return result
-
-
-# -- describe ---------------------------------------------------------------------------------------------
-
-def describe(worker) -> pb.DescribeResponse:
-    """The loaded model and the KV cache of an in-process Worker."""
-    mc = worker.model_config
-    return pb.DescribeResponse(
-        model_path=str(mc.model_dir),
-        architecture=mc.architecture,
-        vocab_size=mc.vocab_size,
-        max_model_len=mc.max_model_len,
-        eos_token_ids=mc.eos_token_ids,
-        dtype=str(mc.dtype).removeprefix("torch."),
-        device=str(worker.device),
-        attention_backend=worker.attn_backend.name,
-        num_blocks=worker.num_blocks,
-        block_size=worker.block_size,
-        kv_bytes_per_token=mc.kv_bytes_per_token,
-        kv_cache_bytes=worker.num_blocks * worker.block_size * mc.kv_bytes_per_token,
-    )

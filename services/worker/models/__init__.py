@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from tessera.engine.model_config import CheckpointError
-from tessera.engine.models.llama import LlamaForCausalLM
+from tessera.model_config import CheckpointError
+from tessera.worker.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.engine.attention.backend import AttentionBackend, AttentionMetadata
+from tessera.worker.attention.backend import AttentionBackend, AttentionMetadata
 
 # Large and finite, as in torch-xla: a padded query whose keys are all masked gets uniform weights, not NaN.
 MASK_VALUE = -0.7 * torch.finfo(torch.float32).max

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from tessera.engine.attention.backend import AttentionBackend
+from tessera.worker.attention.backend import AttentionBackend
 
 DEVICE_ENV = "TESSERA_DEVICE"
 DEVICES = ("auto", "cpu", "cuda", "tpu")
@@ -44,19 +44,19 @@ def resolve_device(name: str | None = None) -> torch.device:
 def attention_backend_for(device: torch.device) -> AttentionBackend:
     """cpu: PyTorch (gather + SDPA); cuda: the Triton kernels; xla: torch-xla's ragged paged attention."""
     if device.type == "cuda":
-        from tessera.engine.attention.triton_backend import TritonAttentionBackend
+        from tessera.worker.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
     if device.type == "xla":
         try:
-            from tessera.engine.attention.xla_backend import XlaAttentionBackend
+            from tessera.worker.attention.xla_backend import XlaAttentionBackend
         except ModuleNotFoundError as e:
-            if e.name != "tessera.engine.attention.xla_backend":
+            if e.name != "tessera.worker.attention.xla_backend":
                 raise
             raise DeviceError("device 'tpu': this tessera has no XLA attention backend "
-                              "(tessera/engine/attention/xla_backend.py)") from e
+                              "(tessera/worker/attention/xla_backend.py)") from e
         return XlaAttentionBackend()
-    from tessera.engine.attention.torch_backend import TorchAttentionBackend
+    from tessera.worker.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend()
 
