@@ -26,6 +26,29 @@ def build_bench_model(directory: str | Path) -> Path:
     return directory
 
 
+def build_bench_tokenizer(directory: str | Path) -> Path:
+    """A byte-level BPE tokenizer.json with the bench model's 32000 tokens (ids 0-2 are <unk>, <s>, </s>, so EOS is
+    the model's eos_token_id 2), trained once on the Python standard library's sources, like the demo model's.
+    Only what reads text needs it (structured outputs: the grammar is compiled against the vocabulary)."""
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if path.exists():
+        return path
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    files = sorted(str(p) for p in Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))[:4000]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train(files, trainers.BpeTrainer(vocab_size=BENCH_SHAPE["vocab_size"], show_progress=False,
+                                               special_tokens=["<unk>", "<s>", "</s>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(path))
+    return path
+
+
 @dataclass
 class Workload:
     prompts: list[list[int]]

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
     engine.add_argument("--no-prefix-caching", action="store_true")
     engine.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
+    engine.add_argument("--structured-output-timeout", type=float, default=10.0,
+                        help="seconds a structured-output constraint may take to compile (cached after) before the "
+                             "request is refused with INVALID_ARGUMENT")
 
     worker = roles.add_parser("worker", help="a worker: model weights, KV tensors, sampler")
     add_model_args(worker)
@@ -120,7 +123,7 @@ def run_engine(args) -> None:
         kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-        cpu_matmul=args.cpu_matmul,
+        cpu_matmul=args.cpu_matmul, structured_output_timeout=args.structured_output_timeout,
     )
     asyncio.run(serve_engine(config, args.port, worker_address=(args.worker or [None])[0], host=args.host,
                              metrics_port=args.metrics_port, max_queue=args.max_queue, grace_seconds=args.grace,

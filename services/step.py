@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import torch
+
 from tessera.sampling_params import SamplingParams
 from tessera.worker.v1 import worker_pb2 as pb
 
@@ -33,6 +35,9 @@ class StepPlan:
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)  # appended to known requests' tables
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # every request that runs this step
     finished_request_ids: list[str] = field(default_factory=list)  # finished, aborted or preempted: forget them
+    # Structured output: the allowed next tokens of each constrained request that samples this step, a bitset
+    # over the vocabulary (int32 words; bit j of word i allows token 32 * i + j).
+    token_masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def total_tokens(self) -> int:
@@ -102,6 +107,9 @@ def plan_to_proto(plan: StepPlan) -> pb.StepPlan:
             pb.ScheduledTokens(request_id=r, num_tokens=n) for r, n in plan.num_scheduled_tokens.items()
         ],
         finished_request_ids=plan.finished_request_ids,
+        # Little-endian int32 words, as the tensors hold them on every host we run on.
+        token_masks=[pb.TokenMask(request_id=r, bitmask=m.numpy().astype("<i4").tobytes())
+                     for r, m in plan.token_masks.items()],
     )
 
 
@@ -121,6 +129,8 @@ def plan_from_proto(message: pb.StepPlan) -> StepPlan:
         new_block_ids={entry.request_id: list(entry.block_ids) for entry in message.new_block_ids},
         num_scheduled_tokens={entry.request_id: entry.num_tokens for entry in message.num_scheduled_tokens},
         finished_request_ids=list(message.finished_request_ids),
+        token_masks={entry.request_id: torch.frombuffer(bytearray(entry.bitmask), dtype=torch.int32)
+                     for entry in message.token_masks},
     )
 
 

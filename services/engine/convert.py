@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from tessera.engine.request import FinishReason, RequestOutput
+from tessera.engine.structured_output import StructuredOutput
 from tessera.sampling_params import InvalidParam, SamplingParams
 from tessera.step import TokenLogprobs
 from tessera.engine.v1 import engine_pb2
@@ -40,6 +41,15 @@ def sampling_params_from_proto(
         logprobs=optional(output, "logprobs", None),
         prompt_logprobs=optional(output, "prompt_logprobs", None),
     )
+
+
+def structured_output_from_proto(message: engine_pb2.StructuredOutput) -> StructuredOutput | None:
+    """None when no constraint is set (json_object=false counts as unset)."""
+    kind = message.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not message.json_object):
+        return None
+    value = tuple(message.choice.choices) if kind == "choice" else getattr(message, kind)
+    return StructuredOutput(**{kind: value}, any_whitespace=message.any_whitespace)
 
 
 def engine_params_from_request(request: engine_pb2.GenerateRequest, max_model_len: int) -> SamplingParams:

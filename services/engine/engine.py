@@ -13,6 +13,7 @@ from typing import Protocol, Sequence
 from tessera.engine.kv_cache_manager import KVCacheManager
 from tessera.engine.request import FinishReason, Request, RequestOutput, Usage
 from tessera.engine.scheduler import Scheduler, SchedulerConfig, usage_of
+from tessera.engine.structured_output import CompiledConstraint, GrammarCompiler, StructuredOutput
 from tessera.model_config import ModelConfig
 from tessera.sampling_params import InvalidParam, SamplingParams
 from tessera.step import StepPlan, StepResult, TokenLogprobs
@@ -45,6 +46,7 @@ class EngineConfig:
     max_logprobs: int = 20
     enforce_eager: bool = False  # CUDA: no CUDA graphs
     cpu_matmul: str = "auto"  # CPU linear layers: onednn, aten, or auto (see worker/models/packed_linear.py)
+    structured_output_timeout: float = 10.0  # seconds a constraint may take to compile before it is refused
 
 
 @dataclass
@@ -71,8 +73,12 @@ class LLMEngine:
         max_model_len = min(config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(self.worker.num_blocks, self.worker.block_size, config.enable_prefix_caching)
+        mc = self.model_config
+        # The engine's own --model directory holds the tokenizer (a remote worker's path may not exist here).
+        self.grammars = GrammarCompiler(config.model, mc.vocab_size, mc.eos_token_ids,
+                                        config.structured_output_timeout)
         scheduler_config = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, max_model_len)
-        self.scheduler = Scheduler(scheduler_config, self.kv, self.model_config.eos_token_ids)
+        self.scheduler = Scheduler(scheduler_config, self.kv, mc.eos_token_ids, self.grammars.words)
 
     def add_request(
         self,
@@ -80,15 +86,25 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        structured_output: StructuredOutput | CompiledConstraint | None = None,
     ) -> str:
-        """Validates and queues a request; raises InvalidParam naming the field on bad input."""
+        """Validates and queues a request; raises InvalidParam naming the field on bad input. A structured output
+        is compiled here (blocking, cached) unless it comes compiled."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         self.validate(prompt_token_ids, params)
         if request_id in self.scheduler.requests:
             raise InvalidParam("request_id", f"{request_id!r} is already running")
-        self.scheduler.add(Request(request_id, list(prompt_token_ids), params, priority))
+        if isinstance(structured_output, StructuredOutput):
+            structured_output = self.grammars.compile(structured_output)
+        self.scheduler.add(self.new_request(request_id, prompt_token_ids, params, priority, structured_output))
         return request_id
+
+    @staticmethod
+    def new_request(request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, priority: int = 0,
+                    constraint: CompiledConstraint | None = None) -> Request:
+        matcher = constraint.matcher() if constraint is not None else None
+        return Request(request_id, list(prompt_token_ids), params, priority, matcher=matcher)
 
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         vocab_size = self.model_config.vocab_size
@@ -129,12 +145,16 @@ class LLMEngine:
         return self.scheduler.num_unfinished > 0
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
+        structured_output: StructuredOutput | Sequence[StructuredOutput | None] | None = None,
     ) -> list[Completion]:
         """Runs a batch to completion and returns the completions in prompt order."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+        if structured_output is None or isinstance(structured_output, StructuredOutput):
+            structured_output = [structured_output] * len(prompts)
+        ids = [self.add_request(prompt, p, structured_output=s)
+               for prompt, p, s in zip(prompts, params, structured_output)]
         completions: dict[str, Completion] = {}
         partial = {request_id: ([], []) for request_id in ids}
         prompt_logprobs: dict[str, list[TokenLogprobs]] = {}

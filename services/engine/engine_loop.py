@@ -13,7 +13,8 @@ import uuid
 from typing import Callable, Iterator, Sequence
 
 from tessera.engine.engine import LLMEngine
-from tessera.engine.request import Request, RequestOutput
+from tessera.engine.request import RequestOutput
+from tessera.engine.structured_output import CompiledConstraint
 from tessera.sampling_params import InvalidParam, SamplingParams
 
 log = logging.getLogger("tessera.engine")
@@ -40,15 +41,17 @@ class EngineLoop:
         sink: Sink,
         request_id: str | None = None,
         priority: int = 0,
+        constraint: CompiledConstraint | None = None,
     ) -> str:
-        """Validates in the caller's thread (raising InvalidParam), then queues the request for the engine."""
+        """Validates in the caller's thread (raising InvalidParam), then queues the request for the engine. A
+        structured output comes compiled (engine.grammars), so that nothing slow runs on the engine thread."""
         self.engine.validate(prompt_token_ids, params)
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
             if request_id in self._live_ids:
                 raise InvalidParam("request_id", f"{request_id!r} is already running")
             self._live_ids.add(request_id)
-        self._send(("add", Request(request_id, list(prompt_token_ids), params, priority), sink))
+        self._send(("add", self.engine.new_request(request_id, prompt_token_ids, params, priority, constraint), sink))
         return request_id
 
     def abort(self, request_id: str) -> None:

@@ -12,7 +12,7 @@ _arrival_counter = itertools.count()
 
 
 class FinishReason(enum.Enum):
-    STOP = "stop"  # an EOS or stop token
+    STOP = "stop"  # an EOS or stop token, or a structured output's grammar is complete
     LENGTH = "length"  # max_tokens or the model's maximum length
     ABORT = "abort"  # the client cancelled, or the server aborted it
 
@@ -37,6 +37,9 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Structured output: the request's own grammar matcher (xgrammar), advanced by every output token. It
+    # outlives preemption: the recompute only rebuilds the KV cache, the output so far stays accepted.
+    matcher: object | None = None
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)

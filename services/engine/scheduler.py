@@ -9,11 +9,16 @@ from scratch later (its prefix blocks are usually still cached, so recompute is 
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass
+
+import torch
 
 from tessera.engine.kv_cache_manager import KVCacheManager
 from tessera.engine.request import FinishReason, Request, RequestOutput, RequestStatus, Usage
 from tessera.step import NewRequest, StepPlan, StepResult
+
+log = logging.getLogger("tessera.engine")
 
 
 @dataclass
@@ -24,8 +29,10 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: list[int]):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: list[int],
+                 mask_words: int = 0):
         self.config = config
+        self.mask_words = mask_words  # int32 words of a structured-output bitmask row (vocab_size / 32)
         self.kv = kv
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Request] = []  # sorted by (priority, arrival)
@@ -134,7 +141,23 @@ class Scheduler:
             )
             plan.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
+        self._fill_token_masks(plan)
         return plan
+
+    def _fill_token_masks(self, plan: StepPlan) -> None:
+        """The allowed next tokens of each constrained request that samples this step (it computes its last
+        token); a prefill chunk short of that samples nothing and needs none."""
+        sampling = [
+            request for request_id, num_new in plan.num_scheduled_tokens.items()
+            if (request := self.requests[request_id]).matcher is not None
+            and request.num_computed_tokens + num_new >= request.num_tokens
+        ]
+        if not sampling:
+            return
+        masks = torch.empty((len(sampling), self.mask_words), dtype=torch.int32)
+        for row, request in enumerate(sampling):
+            request.matcher.fill_next_token_bitmask(masks, row)
+            plan.token_masks[request.request_id] = masks[row]
 
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         """Applies the worker's result: advance computed counts, append tokens, check stops, emit outputs."""
@@ -156,13 +179,23 @@ class Scheduler:
             if request.num_output_tokens == 0 and request.params.prompt_logprobs is not None:
                 output.prompt_logprobs = request.prompt_logprobs
             request.token_ids.append(token_id)
-            reason = self._stop_reason(request, token_id)
+            reason = self._grammar_stop_reason(request, token_id) if request.matcher is not None else None
+            reason = reason or self._stop_reason(request, token_id)
             if reason is not None:
                 self._finish(request, reason)
                 output.finish_reason = reason
                 output.usage = usage_of(request)
             outputs.append(output)
         return outputs
+
+    def _grammar_stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
+        """Advances the matcher. A complete grammar ends the request (its EOS was forced), whatever ignore_eos or
+        min_tokens say: there is nothing left that the constraint allows."""
+        if not request.matcher.accept_token(token_id):
+            # The worker applies every mask before sampling, so this is a bug, not a client error.
+            log.error("request %s: token %d breaks its structured output; aborting it", request.request_id, token_id)
+            return FinishReason.ABORT
+        return FinishReason.STOP if request.matcher.is_terminated() else None
 
     def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
         params = request.params

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import grpc
 
-from tessera.engine.convert import engine_params_from_request, output_to_proto
+from tessera.engine.convert import engine_params_from_request, output_to_proto, structured_output_from_proto
 from tessera.engine.engine import LLMEngine
 from tessera.engine.engine_loop import EngineLoop
 from tessera.engine.loop_outbox import LoopOutbox
@@ -51,11 +51,15 @@ class EngineService(engine_pb2_grpc.EngineServicer):
     async def Generate(self, request, context):
         engine = self.engine
         request_id = request_id_from(context, request.request_id) or uuid.uuid4().hex
-        if request_id in self.samples:
-            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already running")
         params = engine_params_from_request(request, engine.max_model_len)
         prompt = list(request.prompt_token_ids)
         engine.validate(prompt, params)
+        spec = structured_output_from_proto(request.structured_output)
+        # Compiled off the event loop and the engine thread (cached: a repeated constraint is ready at once);
+        # meanwhile the request waits here, outside the batch. Bad or too slow: INVALID_ARGUMENT, nothing ran.
+        constraint = await engine.grammars.compile_async(spec) if spec is not None else None
+        if request_id in self.samples:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already running")
         n = max(request.n, 1)
         capacity = engine.config.max_num_seqs + self.max_queue
         if self.loop.num_unfinished() + n > capacity:
@@ -70,7 +74,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 # Sample i of a seeded request uses seed + i, so the n samples differ but stay reproducible.
                 sample_params = params if params.seed is None else replace(params, seed=params.seed + index)
                 sink = lambda out, index=index: self.outbox.put(outputs, (index, out))
-                self.loop.submit(prompt, sample_params, sink, engine_id, request.priority)
+                self.loop.submit(prompt, sample_params, sink, engine_id, request.priority, constraint)
             start = last = time.perf_counter()
             first = True
             while unfinished:

@@ -174,6 +174,7 @@ class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
             stopping=request.stopping,
             output=request.output,
             priority=request.priority,
+            structured_output=request.structured_output,  # the engine compiles it; each sample its own matcher
         )
         engine_request.stopping.ClearField("stop")  # text-level: ours to check
         engine_request.stopping.include_stop_str_in_output = False

@@ -1,8 +1,9 @@
 """The sampler: turns one step's logits into next tokens and their logprobs (runs on the worker).
 
-Per row, in this order: logit bias, min_tokens (EOS and stop ids banned until reached), repetition
-penalty, presence and frequency penalties, then either argmax (temperature 0) or temperature, top-k,
-top-p, min-p and a draw. Each stage runs once, batched over the rows that use it, so a plain greedy
+Per row, in this order: the structured-output token mask (disallowed tokens to -inf, before everything
+else, so no later rule can bring one back), logit bias, min_tokens (EOS and stop ids banned until
+reached, unless they are all the mask allows), repetition penalty, presence and frequency penalties,
+then either argmax (temperature 0) or temperature, top-k, top-p, min-p and a draw. Each stage runs once, batched over the rows that use it, so a plain greedy
 row costs only its share of one argmax and one log_softmax.
 
 Reported logprobs always come from the model's raw distribution (log_softmax of the logits before any
@@ -55,9 +56,13 @@ class Sampler:
         self.generator = torch.Generator()
         self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 token_masks: torch.Tensor | None = None) -> SamplerOutput:
+        """`token_masks`: int32 [n, ceil(vocab / 32)] bitsets of the allowed tokens (structured output), or None."""
         logits = logits[:, : self.vocab_size].float()  # columns past the vocabulary pad the lm_head
         raw_logprobs = logits.log_softmax(dim=-1)
+        if token_masks is not None:
+            logits = apply_token_masks(logits, token_masks)
         token_ids = logits.argmax(dim=-1)  # final for plain greedy rows
 
         busy = [i for i, row in enumerate(rows) if not self._is_plain_greedy(row)]
@@ -77,6 +82,7 @@ class Sampler:
         )
 
     def _is_plain_greedy(self, row: SamplingRow) -> bool:
+        # (a token mask is applied to every row up front, so a masked greedy row is still plain)
         p = row.params
         return (
             p.greedy
@@ -125,7 +131,14 @@ class Sampler:
                 row_idx += [i] * len(banned)
                 token_idx += banned
         if row_idx:
-            logits[_long(row_idx, logits.device), _long(token_idx, logits.device)] = -math.inf
+            index = (_long(row_idx, logits.device), _long(token_idx, logits.device))
+            before = logits[index]
+            logits[index] = -math.inf
+            # A complete structured output allows only the end: then the grammar wins over min_tokens.
+            dead = torch.isneginf(logits).all(dim=-1)
+            if bool(dead.any()):
+                keep = dead[index[0]]
+                logits[index[0][keep], index[1][keep]] = before[keep]
 
     def _apply_repetition_penalty(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         chosen = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
@@ -238,6 +251,18 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float
     mass_before = probs.cumsum(dim=-1) - probs
     sorted_logits.masked_fill_((mass_before >= p) & (p < 1.0), -math.inf)
     return torch.full_like(logits, -math.inf).scatter_(-1, order, sorted_logits)
+
+
+def apply_token_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """A copy of `logits` [n, vocab] with the tokens the bitmasks [n, words] do not allow at -inf."""
+    return logits.masked_fill(~unpack_bitmask(bitmask, logits.shape[-1]), -math.inf)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [n, vocab_size] from int32 [n, words] bitsets: bit j of word i is token 32 * i + j."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # arithmetic shift: the sign bit still lands in bit 0
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
 def _ranking_keys(logits: torch.Tensor) -> torch.Tensor:

@@ -133,12 +133,13 @@ class Worker:
         result = StepResult()
         logits = self.model.compute_logits(hidden[self._tensor(sample_rows + prompt_rows)])
         if sampling:
-            self._sample(logits[: len(sample_rows)], sampling, result)
+            self._sample(logits[: len(sample_rows)], sampling, result, plan.token_masks)
         if prompt_rows:
             self._prompt_logprobs(logits[len(sample_rows) :], prompt_targets, result)
         return result
 
-    def _sample(self, logits: torch.Tensor, sampling: list, result: StepResult) -> None:
+    def _sample(self, logits: torch.Tensor, sampling: list, result: StepResult,
+                token_masks: dict[str, torch.Tensor] | None = None) -> None:
         rows = [
             SamplingRow(
                 state.params,
@@ -148,7 +149,8 @@ class Worker:
             )
             for _, state in sampling
         ]
-        out = self.sampler(logits, rows)
+        masks = self._stack_masks(sampling, token_masks or {})
+        out = self.sampler(logits, rows, masks.to(logits.device) if masks is not None else None)
         token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
         top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
         top_values = out.top_logprobs.tolist() if out.top_logprobs is not None else None
@@ -159,6 +161,21 @@ class Worker:
             if n is not None:
                 top = list(zip(top_ids[i][:n], top_values[i][:n])) if n else []
                 result.logprobs[request_id] = TokenLogprobs(token_ids[i], logprobs[i], top)
+
+    def _stack_masks(self, sampling: list, token_masks: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """One bitmask row per sampled request, all bits set for the unconstrained ones; None if none is."""
+        if not token_masks:
+            return None
+        words = (self.model_config.vocab_size + 31) // 32
+        masks = torch.full((len(sampling), words), -1, dtype=torch.int32)
+        for i, (request_id, _) in enumerate(sampling):
+            mask = token_masks.get(request_id)
+            if mask is not None:
+                if mask.numel() != words:
+                    raise ValueError(f"request {request_id}: a token mask of {mask.numel()} words; "
+                                     f"the vocabulary needs {words}")
+                masks[i] = mask
+        return masks
 
     def _prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[str, int]], result: StepResult) -> None:
         log_probs = torch.log_softmax(logits, dim=-1)

@@ -180,3 +180,28 @@ def test_warm_start_with_the_cache_directory(cold_start):
                      "executable not supported', pytorch/xla#9094), so the warm start compiles again")
     assert w["compiled"] == 0
     assert warm["start_s"] < cold["start_s"]
+
+
+def test_structured_output_masks_on_the_host_graph_with_no_compilation_after_warm_up(tmp_path_factory):
+    """Constrained rows take the host variant (compiled at warm-up) and get the CPU engine's tokens."""
+    import json
+    import shutil
+
+    from tessera.engine.structured_output import StructuredOutput
+    from tiny_checkpoints import make_tiny_checkpoint
+
+    demo = Path(__file__).resolve().parents[2] / "models" / "tessera-demo"
+    model_dir = make_tiny_checkpoint(tmp_path_factory.mktemp("xla-demo-vocab"), "llama", vocab_size=8192,
+                                     bos_token_id=None, eos_token_id=0, generation=dict(eos_token_id=0), std=0.05)
+    shutil.copy(demo / "tokenizer.json", model_dir / "tokenizer.json")
+    config = EngineConfig(model=str(model_dir), **{**ENGINE, "max_num_batched_tokens": 32, "max_num_seqs": 2})
+    xla = xla_config_for(config, cache_path="", strict=True, min_token_bucket=32, min_request_bucket=2)
+    xla_engine, cpu_engine = LLMEngine(config, worker=XlaWorker(worker_config(config), xla)), LLMEngine(config)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "s": {"type": "string", "maxLength": 5}}, "required": ["n", "s"]}
+    specs = [StructuredOutput(json_schema=json.dumps(schema)), StructuredOutput(choice=("yes", "no")), None]
+    prompts = random_prompts(3, 3, 20, seed=4)
+    params = SamplingParams(temperature=0.0, max_tokens=60)
+    ours, expected = xla_engine.generate(prompts, params, specs), cpu_engine.generate(prompts, params, specs)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in expected]
+    assert ours[0].token_ids[-1] == 0 and ours[1].finish_reason == expected[1].finish_reason

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etessera/engine/v1/engine.proto\x12\x11tessera.engine.v1\"\xf7\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x44\n\nlogit_bias\x18\t \x03(\x0b\x32\x30.tessera.engine.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xaa\x01\n\x0eStoppingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokens\"e\n\rOutputOptions\x12\x15\n\x08logprobs\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x33\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1d.tessera.engine.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xf8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.tessera.engine.v1.SamplingParams\x12\x33\n\x08stopping\x18\x04 \x01(\x0b\x32!.tessera.engine.v1.StoppingParams\x12\x30\n\x06output\x18\x05 \x01(\x0b\x32 .tessera.engine.v1.OutputOptions\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\t\n\x01n\x18\x07 \x01(\r\"\x96\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1f.tessera.engine.v1.TokenLogprob\x12\x38\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1f.tessera.engine.v1.TokenLogprob\x12\x36\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1f.tessera.engine.v1.FinishReason\x12\'\n\x05usage\x18\x07 \x01(\x0b\x32\x18.tessera.engine.v1.Usage\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0bnum_aborted\x18\x01 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xcd\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x0c \x01(\r\x12\x14\n\x0cmax_logprobs\x18\r \x01(\r\x12\x1d\n\x15\x65nable_prefix_caching\x18\x0e \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xa6\x01\n\x0fGetLoadResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x18\n\x10kv_blocks_in_use\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x05 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xde\x02\n\x06\x45ngine\x12U\n\x08Generate\x12\".tessera.engine.v1.GenerateRequest\x1a#.tessera.engine.v1.GenerateResponse0\x01\x12J\n\x05\x41\x62ort\x12\x1f.tessera.engine.v1.AbortRequest\x1a .tessera.engine.v1.AbortResponse\x12_\n\x0cGetModelInfo\x12&.tessera.engine.v1.GetModelInfoRequest\x1a\'.tessera.engine.v1.GetModelInfoResponse\x12P\n\x07GetLoad\x12!.tessera.engine.v1.GetLoadRequest\x1a\".tessera.engine.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etessera/engine/v1/engine.proto\x12\x11tessera.engine.v1\"\xf7\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x44\n\nlogit_bias\x18\t \x03(\x0b\x32\x30.tessera.engine.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xaa\x01\n\x0eStoppingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x06 \x01(\x08\x42\r\n\x0b_max_tokens\"e\n\rOutputOptions\x12\x15\n\x08logprobs\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x33\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1d.tessera.engine.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xb8\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.tessera.engine.v1.SamplingParams\x12\x33\n\x08stopping\x18\x04 \x01(\x0b\x32!.tessera.engine.v1.StoppingParams\x12\x30\n\x06output\x18\x05 \x01(\x0b\x32 .tessera.engine.v1.OutputOptions\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\t\n\x01n\x18\x07 \x01(\r\x12>\n\x11structured_output\x18\x08 \x01(\x0b\x32#.tessera.engine.v1.StructuredOutput\"\xb7\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12+\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x19.tessera.engine.v1.ChoiceH\x00\x12\x16\n\x0e\x61ny_whitespace\x18\x06 \x01(\x08\x42\x0c\n\nconstraint\"\x19\n\x06\x43hoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x96\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1f.tessera.engine.v1.TokenLogprob\x12\x38\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1f.tessera.engine.v1.TokenLogprob\x12\x36\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1f.tessera.engine.v1.FinishReason\x12\'\n\x05usage\x18\x07 \x01(\x0b\x32\x18.tessera.engine.v1.Usage\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0bnum_aborted\x18\x01 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xcd\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x0c \x01(\r\x12\x14\n\x0cmax_logprobs\x18\r \x01(\r\x12\x1d\n\x15\x65nable_prefix_caching\x18\x0e \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xa6\x01\n\x0fGetLoadResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x18\n\x10kv_blocks_in_use\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x05 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xde\x02\n\x06\x45ngine\x12U\n\x08Generate\x12\".tessera.engine.v1.GenerateRequest\x1a#.tessera.engine.v1.GenerateResponse0\x01\x12J\n\x05\x41\x62ort\x12\x1f.tessera.engine.v1.AbortRequest\x1a .tessera.engine.v1.AbortResponse\x12_\n\x0cGetModelInfo\x12&.tessera.engine.v1.GetModelInfoRequest\x1a\'.tessera.engine.v1.GetModelInfoResponse\x12P\n\x07GetLoad\x12!.tessera.engine.v1.GetLoadRequest\x1a\".tessera.engine.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2095
-  _globals['_FINISHREASON']._serialized_end=2215
+  _globals['_FINISHREASON']._serialized_start=2372
+  _globals['_FINISHREASON']._serialized_end=2492
   _globals['_SAMPLINGPARAMS']._serialized_start=54
   _globals['_SAMPLINGPARAMS']._serialized_end=429
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=323
@@ -50,21 +50,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOPLOGPROB']._serialized_start=893
   _globals['_TOPLOGPROB']._serialized_end=940
   _globals['_GENERATEREQUEST']._serialized_start=943
-  _globals['_GENERATEREQUEST']._serialized_end=1191
-  _globals['_GENERATERESPONSE']._serialized_start=1194
-  _globals['_GENERATERESPONSE']._serialized_end=1472
-  _globals['_ABORTREQUEST']._serialized_start=1474
-  _globals['_ABORTREQUEST']._serialized_end=1509
-  _globals['_ABORTRESPONSE']._serialized_start=1511
-  _globals['_ABORTRESPONSE']._serialized_end=1547
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1549
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1570
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1573
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1906
-  _globals['_GETLOADREQUEST']._serialized_start=1908
-  _globals['_GETLOADREQUEST']._serialized_end=1924
-  _globals['_GETLOADRESPONSE']._serialized_start=1927
-  _globals['_GETLOADRESPONSE']._serialized_end=2093
-  _globals['_ENGINE']._serialized_start=2218
-  _globals['_ENGINE']._serialized_end=2568
+  _globals['_GENERATEREQUEST']._serialized_end=1255
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1258
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1441
+  _globals['_CHOICE']._serialized_start=1443
+  _globals['_CHOICE']._serialized_end=1468
+  _globals['_GENERATERESPONSE']._serialized_start=1471
+  _globals['_GENERATERESPONSE']._serialized_end=1749
+  _globals['_ABORTREQUEST']._serialized_start=1751
+  _globals['_ABORTREQUEST']._serialized_end=1786
+  _globals['_ABORTRESPONSE']._serialized_start=1788
+  _globals['_ABORTRESPONSE']._serialized_end=1824
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1826
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1847
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1850
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2183
+  _globals['_GETLOADREQUEST']._serialized_start=2185
+  _globals['_GETLOADREQUEST']._serialized_end=2201
+  _globals['_GETLOADRESPONSE']._serialized_start=2204
+  _globals['_GETLOADRESPONSE']._serialized_end=2370
+  _globals['_ENGINE']._serialized_start=2495
+  _globals['_ENGINE']._serialized_end=2845
 # @@protoc_insertion_point(module_scope)

@@ -102,7 +102,7 @@ class GetTokenizerInfoResponse(_message.Message):
     def __init__(self, vocab_size: _Optional[int] = ..., bos_token: _Optional[_Union[SpecialToken, _Mapping]] = ..., eos_tokens: _Optional[_Iterable[_Union[SpecialToken, _Mapping]]] = ..., special_tokens: _Optional[_Iterable[_Union[SpecialToken, _Mapping]]] = ..., has_chat_template: _Optional[bool] = ..., model_max_length: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "messages", "add_special_tokens", "add_generation_prompt", "chat_template", "sampling", "stopping", "output", "skip_special_tokens", "priority", "n")
+    __slots__ = ("request_id", "text", "messages", "add_special_tokens", "add_generation_prompt", "chat_template", "sampling", "stopping", "output", "skip_special_tokens", "priority", "n", "structured_output")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class GenerateRequest(_message.Message):
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -127,7 +128,8 @@ class GenerateRequest(_message.Message):
     skip_special_tokens: bool
     priority: int
     n: int
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., add_special_tokens: _Optional[bool] = ..., add_generation_prompt: _Optional[bool] = ..., chat_template: _Optional[str] = ..., sampling: _Optional[_Union[_engine_pb2.SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[_engine_pb2.StoppingParams, _Mapping]] = ..., output: _Optional[_Union[_engine_pb2.OutputOptions, _Mapping]] = ..., skip_special_tokens: _Optional[bool] = ..., priority: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
+    structured_output: _engine_pb2.StructuredOutput
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., add_special_tokens: _Optional[bool] = ..., add_generation_prompt: _Optional[bool] = ..., chat_template: _Optional[str] = ..., sampling: _Optional[_Union[_engine_pb2.SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[_engine_pb2.StoppingParams, _Mapping]] = ..., output: _Optional[_Union[_engine_pb2.OutputOptions, _Mapping]] = ..., skip_special_tokens: _Optional[bool] = ..., priority: _Optional[int] = ..., n: _Optional[int] = ..., structured_output: _Optional[_Union[_engine_pb2.StructuredOutput, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "index", "text", "token_ids", "logprobs", "prompt_logprobs", "finish_reason", "usage", "matched_stop")

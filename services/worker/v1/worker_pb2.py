@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etessera/worker/v1/worker.proto\x12\x11tessera.worker.v1\";\n\x0e\x45xecuteRequest\x12)\n\x04plan\x18\x01 \x01(\x0b\x32\x1b.tessera.worker.v1.StepPlan\"@\n\x0f\x45xecuteResponse\x12-\n\x06result\x18\x01 \x01(\x0b\x32\x1d.tessera.worker.v1.StepResult\"\xda\x01\n\x08StepPlan\x12\x33\n\x0cnew_requests\x18\x01 \x03(\x0b\x32\x1d.tessera.worker.v1.NewRequest\x12\x39\n\rnew_block_ids\x18\x02 \x03(\x0b\x32\".tessera.worker.v1.RequestBlockIds\x12@\n\x14num_scheduled_tokens\x18\x03 \x03(\x0b\x32\".tessera.worker.v1.ScheduledTokens\x12\x1c\n\x14\x66inished_request_ids\x18\x04 \x03(\t\"\xb1\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x31\n\x06params\x18\x04 \x01(\x0b\x32!.tessera.worker.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\"8\n\x0fRequestBlockIds\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\"9\n\x0fScheduledTokens\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\"\xe1\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x44\n\nlogit_bias\x18\t \x03(\x0b\x32\x30.tessera.worker.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\rH\x02\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"z\n\nStepResult\x12\x30\n\x07sampled\x18\x01 \x03(\x0b\x32\x1f.tessera.worker.v1.SampledToken\x12:\n\x0fprompt_logprobs\x18\x02 \x03(\x0b\x32!.tessera.worker.v1.PromptLogprobs\"f\n\x0cSampledToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x30\n\x07logprob\x18\x03 \x01(\x0b\x32\x1f.tessera.worker.v1.TokenLogprob\"W\n\x0ePromptLogprobs\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1f.tessera.worker.v1.TokenLogprob\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x33\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1d.tessera.worker.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x11\n\x0f\x44\x65scribeRequest\"\x94\x02\n\x10\x44\x65scribeResponse\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\x08 \x01(\t\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x0b \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x0c \x01(\x04\x32\xb3\x01\n\x06Worker\x12T\n\x07\x45xecute\x12!.tessera.worker.v1.ExecuteRequest\x1a\".tessera.worker.v1.ExecuteResponse(\x01\x30\x01\x12S\n\x08\x44\x65scribe\x12\".tessera.worker.v1.DescribeRequest\x1a#.tessera.worker.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etessera/worker/v1/worker.proto\x12\x11tessera.worker.v1\";\n\x0e\x45xecuteRequest\x12)\n\x04plan\x18\x01 \x01(\x0b\x32\x1b.tessera.worker.v1.StepPlan\"@\n\x0f\x45xecuteResponse\x12-\n\x06result\x18\x01 \x01(\x0b\x32\x1d.tessera.worker.v1.StepResult\"\x8d\x02\n\x08StepPlan\x12\x33\n\x0cnew_requests\x18\x01 \x03(\x0b\x32\x1d.tessera.worker.v1.NewRequest\x12\x39\n\rnew_block_ids\x18\x02 \x03(\x0b\x32\".tessera.worker.v1.RequestBlockIds\x12@\n\x14num_scheduled_tokens\x18\x03 \x03(\x0b\x32\".tessera.worker.v1.ScheduledTokens\x12\x1c\n\x14\x66inished_request_ids\x18\x04 \x03(\t\x12\x31\n\x0btoken_masks\x18\x05 \x03(\x0b\x32\x1c.tessera.worker.v1.TokenMask\"0\n\tTokenMask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62itmask\x18\x02 \x01(\x0c\"\xb1\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x31\n\x06params\x18\x04 \x01(\x0b\x32!.tessera.worker.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x05 \x03(\r\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\"8\n\x0fRequestBlockIds\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\"9\n\x0fScheduledTokens\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\"\xe1\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x44\n\nlogit_bias\x18\t \x03(\x0b\x32\x30.tessera.worker.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\rH\x02\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"z\n\nStepResult\x12\x30\n\x07sampled\x18\x01 \x03(\x0b\x32\x1f.tessera.worker.v1.SampledToken\x12:\n\x0fprompt_logprobs\x18\x02 \x03(\x0b\x32!.tessera.worker.v1.PromptLogprobs\"f\n\x0cSampledToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x30\n\x07logprob\x18\x03 \x01(\x0b\x32\x1f.tessera.worker.v1.TokenLogprob\"W\n\x0ePromptLogprobs\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1f.tessera.worker.v1.TokenLogprob\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x33\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1d.tessera.worker.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x11\n\x0f\x44\x65scribeRequest\"\x94\x02\n\x10\x44\x65scribeResponse\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x19\n\x11\x61ttention_backend\x18\x08 \x01(\t\x12\x12\n\nnum_blocks\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x1a\n\x12kv_bytes_per_token\x18\x0b \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x0c \x01(\x04\x32\xb3\x01\n\x06Worker\x12T\n\x07\x45xecute\x12!.tessera.worker.v1.ExecuteRequest\x1a\".tessera.worker.v1.ExecuteResponse(\x01\x30\x01\x12S\n\x08\x44\x65scribe\x12\".tessera.worker.v1.DescribeRequest\x1a#.tessera.worker.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTERESPONSE']._serialized_start=114
   _globals['_EXECUTERESPONSE']._serialized_end=178
   _globals['_STEPPLAN']._serialized_start=181
-  _globals['_STEPPLAN']._serialized_end=399
-  _globals['_NEWREQUEST']._serialized_start=402
-  _globals['_NEWREQUEST']._serialized_end=579
-  _globals['_REQUESTBLOCKIDS']._serialized_start=581
-  _globals['_REQUESTBLOCKIDS']._serialized_end=637
-  _globals['_SCHEDULEDTOKENS']._serialized_start=639
-  _globals['_SCHEDULEDTOKENS']._serialized_end=696
-  _globals['_SAMPLINGPARAMS']._serialized_start=699
-  _globals['_SAMPLINGPARAMS']._serialized_end=1180
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1090
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1138
-  _globals['_STEPRESULT']._serialized_start=1182
-  _globals['_STEPRESULT']._serialized_end=1304
-  _globals['_SAMPLEDTOKEN']._serialized_start=1306
-  _globals['_SAMPLEDTOKEN']._serialized_end=1408
-  _globals['_PROMPTLOGPROBS']._serialized_start=1410
-  _globals['_PROMPTLOGPROBS']._serialized_end=1497
-  _globals['_TOKENLOGPROB']._serialized_start=1499
-  _globals['_TOKENLOGPROB']._serialized_end=1601
-  _globals['_TOPLOGPROB']._serialized_start=1603
-  _globals['_TOPLOGPROB']._serialized_end=1650
-  _globals['_DESCRIBEREQUEST']._serialized_start=1652
-  _globals['_DESCRIBEREQUEST']._serialized_end=1669
-  _globals['_DESCRIBERESPONSE']._serialized_start=1672
-  _globals['_DESCRIBERESPONSE']._serialized_end=1948
-  _globals['_WORKER']._serialized_start=1951
-  _globals['_WORKER']._serialized_end=2130
+  _globals['_STEPPLAN']._serialized_end=450
+  _globals['_TOKENMASK']._serialized_start=452
+  _globals['_TOKENMASK']._serialized_end=500
+  _globals['_NEWREQUEST']._serialized_start=503
+  _globals['_NEWREQUEST']._serialized_end=680
+  _globals['_REQUESTBLOCKIDS']._serialized_start=682
+  _globals['_REQUESTBLOCKIDS']._serialized_end=738
+  _globals['_SCHEDULEDTOKENS']._serialized_start=740
+  _globals['_SCHEDULEDTOKENS']._serialized_end=797
+  _globals['_SAMPLINGPARAMS']._serialized_start=800
+  _globals['_SAMPLINGPARAMS']._serialized_end=1281
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1191
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1239
+  _globals['_STEPRESULT']._serialized_start=1283
+  _globals['_STEPRESULT']._serialized_end=1405
+  _globals['_SAMPLEDTOKEN']._serialized_start=1407
+  _globals['_SAMPLEDTOKEN']._serialized_end=1509
+  _globals['_PROMPTLOGPROBS']._serialized_start=1511
+  _globals['_PROMPTLOGPROBS']._serialized_end=1598
+  _globals['_TOKENLOGPROB']._serialized_start=1600
+  _globals['_TOKENLOGPROB']._serialized_end=1702
+  _globals['_TOPLOGPROB']._serialized_start=1704
+  _globals['_TOPLOGPROB']._serialized_end=1751
+  _globals['_DESCRIBEREQUEST']._serialized_start=1753
+  _globals['_DESCRIBEREQUEST']._serialized_end=1770
+  _globals['_DESCRIBERESPONSE']._serialized_start=1773
+  _globals['_DESCRIBERESPONSE']._serialized_end=2049
+  _globals['_WORKER']._serialized_start=2052
+  _globals['_WORKER']._serialized_end=2231
 # @@protoc_insertion_point(module_scope)

@@ -19,16 +19,26 @@ class ExecuteResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[StepResult, _Mapping]] = ...) -> None: ...
 
 class StepPlan(_message.Message):
-    __slots__ = ("new_requests", "new_block_ids", "num_scheduled_tokens", "finished_request_ids")
+    __slots__ = ("new_requests", "new_block_ids", "num_scheduled_tokens", "finished_request_ids", "token_masks")
     NEW_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NEW_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_SCHEDULED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_MASKS_FIELD_NUMBER: _ClassVar[int]
     new_requests: _containers.RepeatedCompositeFieldContainer[NewRequest]
     new_block_ids: _containers.RepeatedCompositeFieldContainer[RequestBlockIds]
     num_scheduled_tokens: _containers.RepeatedCompositeFieldContainer[ScheduledTokens]
     finished_request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., new_block_ids: _Optional[_Iterable[_Union[RequestBlockIds, _Mapping]]] = ..., num_scheduled_tokens: _Optional[_Iterable[_Union[ScheduledTokens, _Mapping]]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    token_masks: _containers.RepeatedCompositeFieldContainer[TokenMask]
+    def __init__(self, new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., new_block_ids: _Optional[_Iterable[_Union[RequestBlockIds, _Mapping]]] = ..., num_scheduled_tokens: _Optional[_Iterable[_Union[ScheduledTokens, _Mapping]]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., token_masks: _Optional[_Iterable[_Union[TokenMask, _Mapping]]] = ...) -> None: ...
+
+class TokenMask(_message.Message):
+    __slots__ = ("request_id", "bitmask")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BITMASK_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    bitmask: bytes
+    def __init__(self, request_id: _Optional[str] = ..., bitmask: _Optional[bytes] = ...) -> None: ...
 
 class NewRequest(_message.Message):
     __slots__ = ("request_id", "token_ids", "num_prompt_tokens", "params", "block_ids", "num_computed_tokens")

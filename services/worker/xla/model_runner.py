@@ -10,7 +10,7 @@ One graph then runs the model, the logits and the sampler (xla/sampler.py) for e
 compiles all of them at start-up, with a progress bar.
 
 Rows whose parameters need the host (penalties, logit bias, min_tokens not reached, prompt logprobs, more top
-logprobs than the graph computes) make the step use the "host" variant of its graph, which also returns the logits
+logprobs than the graph computes, a structured output's token mask) make the step use the "host" variant of its graph, which also returns the logits
 of every token; the CPU Sampler then handles those rows, and the rest keep their device samples. It is warmed up
 too, so it costs nothing new after start-up, only the transfer of the logits in the steps that need it.
 
@@ -170,7 +170,9 @@ class XlaWorker(Worker):
             return StepResult()
 
         scheduled = [(request_id, n, self.requests[request_id]) for request_id, n in plan.num_scheduled_tokens.items()]
-        host_rows = {i for i, (_, n, state) in enumerate(scheduled) if self._needs_host(state, n)}
+        # A structured output's token mask is applied on the host, in the host graph compiled at warm-up.
+        host_rows = {i for i, (request_id, n, state) in enumerate(scheduled)
+                     if self._needs_host(state, n, request_id in plan.token_masks)}
         batch, token_offsets = self._prepare(scheduled)
         tokens, logprobs, top_ids, top_values, all_logits = self._run(batch, bool(host_rows))
         if self.strict and self.compilations_after_warm_up:
@@ -190,7 +192,7 @@ class XlaWorker(Worker):
                     prompt_targets.append((request_id, state.token_ids[position + 1]))
             if end < len(state.token_ids):
                 continue  # mid-prefill: nothing to sample
-            if i in host_rows and self._needs_host_sampling(state):
+            if i in host_rows and (self._needs_host_sampling(state) or request_id in plan.token_masks):
                 host_sampling.append((request_id, state))
                 host_sample_rows.append(token_offsets[i + 1] - 1)
                 continue
@@ -201,16 +203,16 @@ class XlaWorker(Worker):
                 top = list(zip(top_ids[i][:num], top_values[i][:num]))
                 result.logprobs[request_id] = TokenLogprobs(tokens[i], logprobs[i], top)
         if host_sampling:
-            self._sample(all_logits[host_sample_rows], host_sampling, result)
+            self._sample(all_logits[host_sample_rows], host_sampling, result, plan.token_masks)
         if prompt_rows:
             self._prompt_logprobs(all_logits[prompt_rows], prompt_targets, result)
         return result
 
-    def _needs_host(self, state: _RequestState, num_new: int) -> bool:
+    def _needs_host(self, state: _RequestState, num_new: int, masked: bool = False) -> bool:
         prompt_logprobs = (state.params.prompt_logprobs is not None
                            and state.num_computed_tokens < state.num_prompt_tokens - 1)
         return prompt_logprobs or (state.num_computed_tokens + num_new >= len(state.token_ids)
-                                   and self._needs_host_sampling(state))
+                                   and (masked or self._needs_host_sampling(state)))
 
     def _needs_host_sampling(self, state: _RequestState) -> bool:
         p = state.params
