@@ -38,13 +38,18 @@ def build_bench_tokenizer(directory: str | Path) -> Path:
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    files = sorted(str(p) for p in Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))[:4000]
+    texts = []
+    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))[:4000]:
+        try:
+            texts.append(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            pass  # a few test files are deliberately not UTF-8
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train(files, trainers.BpeTrainer(vocab_size=BENCH_SHAPE["vocab_size"], show_progress=False,
-                                               special_tokens=["<unk>", "<s>", "</s>"],
-                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=BENCH_SHAPE["vocab_size"], show_progress=False,
+                                                             special_tokens=["<unk>", "<s>", "</s>"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer.save(str(path))
     return path
 
