@@ -1,6 +1,7 @@
 """The benchmark model (Llama shape, random weights) and workload, shared by the benchmarks."""
 from __future__ import annotations
 
+import platform
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,23 @@ BENCH_SHAPE = dict(
     hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
     intermediate_size=1408, vocab_size=32000, max_position_embeddings=2048,
 )
+
+
+def cpu_model() -> str:
+    """The CPU's name and the vector ISA that matters here, e.g. 'Intel Xeon (AVX512; avx512_bf16 amx_bf16)'."""
+    name, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    extras = sorted(flags & {"avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
+    import torch
+
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}{'; ' + ' '.join(extras) if extras else ''})"
 
 
 def build_bench_model(directory: str | Path) -> Path:

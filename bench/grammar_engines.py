@@ -21,8 +21,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from bench_model import build_bench_model, build_bench_tokenizer  # noqa: E402
-from structured_output import SCHEMA, cpu_model  # noqa: E402
+from bench_model import build_bench_model, build_bench_tokenizer, cpu_model  # noqa: E402
+from structured_output import SCHEMA  # noqa: E402
 from test_structured_output import SCHEMAS  # noqa: E402
 
 STEPS = 64

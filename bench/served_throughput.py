@@ -11,7 +11,8 @@ thread, as the server's EngineLoop steps it (--main-thread: also on the main thr
 baseline), then the server gets the same requests as concurrent Engine/Generate streams over grpc.aio. --rounds N
 alternates the two N times and keeps the best of each (use it on a loaded machine). Then latency at a fixed
 request rate: Poisson arrivals (fixed seed), a bounded number of requests, time to first token and inter-token
-latency p50/p99 as the client sees them. The last line is the served / in-process throughput ratio (goal >= 0.9).
+latency p50/p99 as the client sees them; then one stream alone, in-process and served (the single-user case).
+The last line is the served / in-process throughput ratio (goal >= 0.9).
 
 --via-tokenizer sends text to tessera.tokenizer.v1.TextGeneration (tokenizer -> engine, two hops). The text is
 the workload's token ids, mapped into the demo tokenizer's vocabulary and decoded; the in-process engine gets
@@ -25,13 +26,14 @@ import asyncio
 import random
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
 
-from bench_model import build_bench_model, make_workload
+from bench_model import build_bench_model, cpu_model, make_workload
 from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.sampling_params import SamplingParams
 from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
@@ -81,13 +83,20 @@ class Client:
 
 
 class InProcess:
-    """The baseline: an LLMEngine in this process, warmed up once."""
+    """The baseline: an LLMEngine in this process, built, warmed up and run on one thread of its own, as the
+    server's EngineLoop does (one OpenMP team per process: see tessera.engine.engine_loop)."""
 
     def __init__(self, model_dir, kv_cache_memory: int, warm_up_prompt: list[int]):
-        self.engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=kv_cache_memory))
-        self.engine.generate([warm_up_prompt], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="in-process-engine")
+        self.engine = self.thread.submit(LLMEngine, EngineConfig(model=str(model_dir),
+                                                                 kv_cache_memory=kv_cache_memory)).result()
+        self.thread.submit(self.engine.generate, [warm_up_prompt],
+                           SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)).result()
 
     def run(self, prompts, output_lens) -> tuple[float, list[list[int]]]:
+        return self.thread.submit(self._run, prompts, output_lens).result()
+
+    def _run(self, prompts, output_lens) -> tuple[float, list[list[int]]]:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens]
         start = time.perf_counter()
         completions = self.engine.generate(prompts, params)
@@ -145,19 +154,34 @@ async def measure(args, address, in_process: InProcess, engine_prompts, served_p
     try:
         await client.generate(served_prompts[0][:8], 2)  # warm-up: connect, first call
         for round_ in range(args.rounds):
-            # On a second thread, as `tessera engine` steps its engine (EngineLoop).
+            # On its own thread, as `tessera engine` steps its engine (EngineLoop).
             seconds, expected = await asyncio.to_thread(in_process.run, engine_prompts, output_lens)
             times["engine thread"].append(seconds)
             if args.main_thread:
-                times["main thread"].append(in_process.run(engine_prompts, output_lens)[0])
+                times["main thread"].append(in_process._run(engine_prompts, output_lens)[0])
             seconds, tokens = await run_served(client, served_prompts, output_lens)
             times["served"].append(seconds)
             print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v),
                   flush=True)
         latency = await run_at_rate(client, lat_prompts, lat_lens, args.rate, args.seed)
+        # One stream alone (the single-user case): best of 3 each, in-process then served.
+        prompt, n = served_prompts[1][:32], ONE_STREAM_TOKENS
+        one = {"in-process": min([(await asyncio.to_thread(in_process.run, [engine_prompts[1][:32]], [n]))[0]
+                                  for _ in range(3)]), "served": min([await time_one(client, prompt, n)
+                                                                      for _ in range(3)])}
     finally:
         await client.close()
-    return {k: v for k, v in times.items() if v}, expected, tokens, latency
+    return {k: v for k, v in times.items() if v}, expected, tokens, latency, one
+
+
+ONE_STREAM_TOKENS = 128
+
+
+async def time_one(client: Client, prompt, max_tokens: int) -> float:
+    start = time.perf_counter()
+    tokens, _ = await client.generate(prompt, max_tokens)
+    assert len(tokens) == max_tokens
+    return time.perf_counter() - start
 
 
 def main():
@@ -189,6 +213,7 @@ def main():
         lat_prompts, _ = text_prompts(latency_workload.prompts)
     total = sum(workload.output_lens)
     path = "text via tokenizer -> engine" if args.via_tokenizer else "token ids, Engine/Generate"
+    print(f"machine: {cpu_model()}; torch {torch.__version__}")
     print(f"workload: {args.requests} requests, prompts {prompt_range[0]}-{prompt_range[1]} "
           f"({sum(map(len, engine_prompts))} prompt tokens), outputs {output_range[0]}-{output_range[1]} "
           f"({total} output tokens), greedy, EOS ignored, fp32, {torch.get_num_threads()} torch threads; "
@@ -202,7 +227,7 @@ def main():
                 servers.append(ServerProcess("tokenizer", "--model", str(DEMO_TOKENIZER), "--engine",
                                              engine.address).start())
             in_process = InProcess(model_dir, args.kv_cache_memory, engine_prompts[0][:8])
-            times, expected, tokens, latency = asyncio.run(measure(
+            times, expected, tokens, latency, one = asyncio.run(measure(
                 args, servers[-1].address, in_process, engine_prompts, served_prompts, workload.output_lens,
                 lat_prompts, latency_workload.output_lens))
         finally:
@@ -230,6 +255,9 @@ def main():
     for name, values in (("time to first token", ttfts), ("inter-token latency", gaps)):
         p50, p99 = np.percentile(values, [50, 99])
         print(f"{name:<38}{ms(p50):>11}{ms(p99):>11}")
+    print(f"one stream ({ONE_STREAM_TOKENS} tokens, best of 3): in-process {ONE_STREAM_TOKENS / one['in-process']:.1f} "
+          f"tok/s, served {ONE_STREAM_TOKENS / one['served']:.1f} tok/s "
+          f"({one['in-process'] / one['served']:.2f}x)")
     print(f"served / in-process throughput: {in_process_s / served_s:.2f}x (goal >= 0.9)")
 
 

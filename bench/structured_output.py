@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from bench_model import build_bench_model, build_bench_tokenizer, make_workload
+from bench_model import build_bench_model, build_bench_tokenizer, cpu_model, make_workload
 from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.engine.structured_output import GrammarCompiler, StructuredOutput
 from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
@@ -45,21 +44,6 @@ SCHEMA = json.dumps({"type": "array", "minItems": 100, "maxItems": 500, "items":
         "tags": {"type": "array", "maxItems": 4, "items": {"enum": ["red", "green", "blue"]}},
         "score": {"type": "number", "minimum": 0, "maximum": 1},
         "active": {"type": "boolean"}}}})
-
-
-def cpu_model() -> str:
-    """The CPU's name and the vector ISA that matters here, e.g. 'Intel Xeon (AVX512; avx512_bf16 amx_bf16)'."""
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    extras = sorted(flags & {"avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()}{'; ' + ' '.join(extras) if extras else ''})"
 
 
 async def run_served(address, prompts, output_lens, constrained: list[bool]) -> tuple[float, int]:

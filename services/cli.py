@@ -104,15 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     return COMMANDS[args.command](args) or 0
 
 
-def let_compute_threads_sleep() -> None:
-    """A server's OpenMP threads spin between parallel regions by default, taking the cores from the event loop
-    and gRPC's threads; asked to sleep instead, the served/in-process ratio went from 0.86x to 0.95-0.99x on
-    two cores (bench/served_throughput.py). Must run before torch loads; an OMP_WAIT_POLICY already set wins."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def run_engine(args) -> None:
-    let_compute_threads_sleep()
     from tessera.engine.engine import EngineConfig
     from tessera.engine.service import serve_engine
 
@@ -131,7 +123,6 @@ def run_engine(args) -> None:
 
 
 def run_worker(args) -> None:
-    let_compute_threads_sleep()
     from tessera.worker.device import resolve_device
     from tessera.worker.worker import WorkerConfig
     from tessera.worker.service import serve_worker

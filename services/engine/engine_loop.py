@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import uuid
+from concurrent.futures import Future
 from typing import Callable, Iterator, Sequence
 
 from tessera.engine.engine import LLMEngine
@@ -23,8 +24,20 @@ Sink = Callable[[RequestOutput | BaseException], None]
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    """`engine`: an LLMEngine, or a function that builds one, called on the loop's own thread (`ready` tells when
+    it is built and warmed up). A server passes the function, so that every torch op of the process (the model
+    load, the warm-up, each step) runs on this one thread. That keeps OpenMP fast: libgomp gives each thread that
+    starts parallel regions its own team, and once it manages more threads than there are CPUs it stops letting
+    them spin between regions, which put a ~0.15 ms wake-up on every parallel op (matmuls included); a batch-1
+    decode ran ~30% slower on a second thread than on the first (bench/served_throughput.py --one-stream)."""
+
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]):
+        self.ready: Future = Future()
+        if isinstance(engine, LLMEngine):
+            self.engine = engine
+            self.ready.set_result(engine)
+        else:
+            self._build = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}  # owned by the engine thread
         self._live_ids: set[str] = set()
@@ -87,6 +100,15 @@ class EngineLoop:
         self._wake.set()
 
     def _run(self) -> None:
+        if not self.ready.done():
+            if not self.ready.set_running_or_notify_cancel():
+                return  # nobody waits for this engine any more
+            try:
+                self.engine = self._build()
+            except BaseException as error:
+                self.ready.set_exception(error)
+                return
+            self.ready.set_result(self.engine)
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_unfinished_requests():

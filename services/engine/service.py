@@ -185,11 +185,21 @@ async def serve_engine(config, port: int, *, worker_address: str | None = None, 
     bound = await server.start()
     log.info("engine on port %d (NOT_SERVING while loading); loading %s", bound, config.model)
     started = time.perf_counter()
-    engine = await asyncio.to_thread(build_engine, config, worker_address, worker_step_timeout)
+
+    def build() -> LLMEngine:  # on the engine loop's thread, which runs all of the engine's compute
+        engine = build_engine(config, worker_address, worker_step_timeout)
+        log.info("model loaded in %.1f s; warming up", time.perf_counter() - started)
+        warm_up(engine)
+        return engine
+
+    engine_loop = EngineLoop(build)
+    try:
+        engine = await asyncio.wrap_future(engine_loop.ready)
+    except BaseException:
+        engine_loop.shutdown()
+        await server.grpc.stop(0)
+        raise
     service.model_name = service.model_name or Path(engine.model_config.model_dir).name
-    log.info("model loaded in %.1f s; warming up", time.perf_counter() - started)
-    await asyncio.to_thread(warm_up, engine)
-    engine_loop = EngineLoop(engine)
     service.attach(engine_loop)
     if metrics_port:
         serve_metrics(metrics_port, engine.stats)

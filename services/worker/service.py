@@ -1,7 +1,8 @@
 """tessera.worker.v1.Worker over grpc.aio: a Worker in its own process, driven by one engine.
 
-Steps run on one dedicated thread, so the event loop stays free for health checks, and a step still running
-for a stream that just went away finishes before the next stream's first step (or its reset) can start.
+Steps run on one dedicated thread (the model loads there too), so the event loop stays free for health checks,
+all torch compute stays on one thread, and a step still running for a stream that just went away finishes
+before the next stream's first step (or its reset) can start.
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ async def start_worker_server(config: WorkerConfig, port: int = 0, host: str = "
     port = await server.start()
     log.info("worker on port %d (NOT_SERVING while loading); loading %s", port, config.model)
     try:
-        service.worker = await asyncio.to_thread(Worker, config)
+        # On the thread that will run every step: one OpenMP team in the process (see engine_loop.EngineLoop).
+        service.worker = await service._run(Worker, config)
     except BaseException:
         await server.grpc.stop(0)
         raise
