@@ -9,14 +9,15 @@ import functools
 import inspect
 import logging
 import signal
-from typing import Iterable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from tessera.sampling_params import InvalidParam
 from tessera.metrics import REQUESTS
+from tessera.registration import add_servicer
+from tessera.sampling_params import InvalidParam
 
 log = logging.getLogger("tessera.server")
 
@@ -106,12 +107,14 @@ class Server:
         self.address = f"{host}:{port}"
         self.grace_seconds = grace_seconds
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        add_servicer(self.grpc, self.health, health_pb2.DESCRIPTOR.services_by_name["Health"])
         self.service_names: list[str] = []
         self.port: int | None = None
 
-    def add_services(self, names: Iterable[str]) -> None:
-        self.service_names.extend(names)
+    def add_servicer(self, servicer, service: ServiceDescriptor) -> None:
+        """Serves `service` with `servicer` (requests that do not parse: INVALID_ARGUMENT, see registration.py);
+        it reports health and shows in reflection under its full name."""
+        self.service_names.append(add_servicer(self.grpc, servicer, service))
 
     async def start(self) -> int:
         """Binds and starts serving; every service reports NOT_SERVING until set_serving(True)."""

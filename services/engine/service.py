@@ -26,8 +26,6 @@ from tessera.serving import RpcError, request_id_from, rpc_method
 
 log = logging.getLogger("tessera.engine")
 
-SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
-
 
 class EngineService(engine_pb2_grpc.EngineServicer):
     def __init__(self, max_queue: int = 256, model_name: str = ""):
@@ -180,8 +178,7 @@ async def serve_engine(config, port: int, *, worker_address: str | None = None, 
 
     server = Server(port, host, grace_seconds)
     service = EngineService(max_queue, model_name or "")
-    engine_pb2_grpc.add_EngineServicer_to_server(service, server.grpc)
-    server.add_services([SERVICE_NAME])
+    server.add_servicer(service, engine_pb2.DESCRIPTOR.services_by_name["Engine"])
     bound = await server.start()
     log.info("engine on port %d (NOT_SERVING while loading); loading %s", bound, config.model)
     started = time.perf_counter()

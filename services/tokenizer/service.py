@@ -270,9 +270,9 @@ async def serve_tokenizer(model_dir: str, engines: list[str], port: int, *, host
     server = Server(port, host, grace_seconds)
     tokenizer = Tokenizer(model_dir)
     router = EngineRouter(engines)
-    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerService(tokenizer), server.grpc)
-    tokenizer_pb2_grpc.add_TextGenerationServicer_to_server(TextGenerationService(tokenizer, router), server.grpc)
-    server.add_services([TOKENIZER_SERVICE, GENERATION_SERVICE])
+    services = tokenizer_pb2.DESCRIPTOR.services_by_name
+    server.add_servicer(TokenizerService(tokenizer), services["Tokenizer"])
+    server.add_servicer(TextGenerationService(tokenizer, router), services["TextGeneration"])
     bound = await server.start()
     if metrics_port:
         serve_metrics(metrics_port)

@@ -14,7 +14,7 @@ import grpc
 
 from tessera.metrics import serve_metrics
 from tessera.serving import RpcError, Server, rpc_method
-from tessera.step import SERVICE_NAME, plan_from_proto, result_to_proto
+from tessera.step import plan_from_proto, result_to_proto
 from tessera.worker.v1 import worker_pb2, worker_pb2_grpc
 from tessera.worker.worker import Worker, WorkerConfig
 
@@ -84,8 +84,7 @@ async def start_worker_server(config: WorkerConfig, port: int = 0, host: str = "
     """Binds (health NOT_SERVING), loads the model off the event loop, turns SERVING; returns the bound port."""
     server = Server(port, host, grace_seconds)
     service = WorkerService()
-    worker_pb2_grpc.add_WorkerServicer_to_server(service, server.grpc)
-    server.add_services([SERVICE_NAME])
+    server.add_servicer(service, worker_pb2.DESCRIPTOR.services_by_name["Worker"])
     port = await server.start()
     log.info("worker on port %d (NOT_SERVING while loading); loading %s", port, config.model)
     try:
