@@ -463,3 +463,23 @@ def test_stop_strings_still_cut_a_constrained_output(textgen):
     text, last = "".join(r.text for r in responses), responses[-1]
     assert text in ("alpha", "delta") and last.matched_stop == " beta"
     assert last.finish_reason == engine_pb2.FINISH_REASON_STOP
+
+
+def test_a_caller_giving_up_does_not_spoil_the_cached_compilation(random_model):
+    import asyncio
+
+    engine = LLMEngine(EngineConfig(model=str(random_model), kv_cache_memory=8 << 20))
+    engine.grammars.compile(StructuredOutput(regex="a"))  # the vocabulary
+    for blocker in ("first", "second"):  # both compile threads busy: the next compilation waits in the queue
+        engine.grammars.submit(StructuredOutput(json_schema=json.dumps({"enum": [f"{blocker} {i}" for i in range(6000)]})))
+    spec = StructuredOutput(json_schema=json.dumps({"enum": [f"value number {i}" for i in range(300)]}))
+
+    async def give_up():
+        task = asyncio.ensure_future(engine.grammars.compile_async(spec))
+        await asyncio.sleep(0.01)
+        task.cancel()  # as a client cancelling its call while the constraint compiles
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(give_up())
+    assert engine.grammars.compile(spec).spec == spec  # the same compilation finished, for the next caller

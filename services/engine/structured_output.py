@@ -101,7 +101,7 @@ class GrammarCompiler:
         self._setup()  # first in the pool's queue: the compile below waits for it
         with self._lock:
             future = self._cache.get(spec)
-            if future is not None:
+            if future is not None and not future.cancelled():
                 self._cache.move_to_end(spec)
                 return future
             future = self._pool.submit(self._compile, spec)
@@ -120,11 +120,12 @@ class GrammarCompiler:
             raise self._too_slow(spec) from None
 
     async def compile_async(self, spec: StructuredOutput) -> CompiledConstraint:
-        """As compile(), awaiting on the event loop instead of blocking it."""
+        """As compile(), awaiting on the event loop instead of blocking it. A caller that gives up (its client
+        cancelled, or the timeout) leaves the shared compilation running for the cache: hence the shields."""
         future = self.submit(spec)
-        await asyncio.wrap_future(self._setup())
+        await asyncio.shield(asyncio.wrap_future(self._setup()))
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.timeout)
         except asyncio.TimeoutError:
             raise self._too_slow(spec) from None
 
