@@ -93,6 +93,18 @@ def test_n_samples_are_multiplexed_by_index(stub):
     assert len({tuple(s) for s in samples.values()}) > 1  # seed + index: the samples differ
 
 
+def test_a_refused_request_never_aborts_another_requests_sample(stub):
+    """A client id that names another request's sample ("victim/0" while "victim" runs with n=2) is refused,
+    and the refusal leaves the victim's samples running to their end."""
+    victim = stub.Generate(greedy(max_tokens=200, request_id="victim", n=2))
+    next(victim)  # running
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Generate(greedy(max_tokens=4, request_id="victim/0")))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "victim/0" in error.value.details()
+    reasons = {r.index: r.finish_reason for r in victim if r.finish_reason}
+    assert reasons == {0: engine_pb2.FINISH_REASON_LENGTH, 1: engine_pb2.FINISH_REASON_LENGTH}
+
+
 def test_request_id_comes_from_the_field_or_metadata(stub):
     assert next(stub.Generate(greedy(max_tokens=1, request_id="abc"))).request_id == "abc"
     response = next(stub.Generate(greedy(max_tokens=1), metadata=[("x-request-id", "from-metadata")]))

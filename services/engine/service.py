@@ -66,13 +66,16 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         outputs: asyncio.Queue = asyncio.Queue()
         ids = [request_id] if n == 1 else [f"{request_id}/{i}" for i in range(n)]
         self.samples[request_id] = ids
-        unfinished = set(range(n))
+        unfinished = set()  # the samples this call submitted that have not finished: only these are its to abort
         try:
             for index, engine_id in enumerate(ids):
                 # Sample i of a seeded request uses seed + i, so the n samples differ but stay reproducible.
                 sample_params = params if params.seed is None else replace(params, seed=params.seed + index)
                 sink = lambda out, index=index: self.outbox.put(outputs, (index, out))
+                # A refusal here (another request already runs under this engine id, e.g. a client id "x/0"
+                # while "x" runs with n=2) must leave that other request alone.
                 self.loop.submit(prompt, sample_params, sink, engine_id, request.priority, constraint)
+                unfinished.add(index)
             start = last = time.perf_counter()
             first = True
             while unfinished:
