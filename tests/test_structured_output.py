@@ -289,6 +289,17 @@ def test_masked_sampling_never_picks_a_disallowed_token(data):
         assert token in allowed
 
 
+def test_min_tokens_never_bans_the_only_tokens_the_mask_allows():
+    """A complete grammar allows only EOS; min_tokens must not turn that row into nothing at all."""
+    eos = 7
+    masks = torch.zeros((2, (VOCAB + 31) // 32), dtype=torch.int32)
+    masks[:, 0] = 1 << eos  # EOS only
+    masks[1, 1] = 1 << 3  # ... or token 35 for the second row: there min_tokens does ban EOS
+    rows = [SamplingRow(SamplingParams(temperature=t, min_tokens=5, seed=1), [1, 2], [3]) for t in (0.0, 1.0)]
+    out = Sampler(VOCAB, eos_token_ids=[eos])(torch.randn(2, VOCAB), rows, masks)
+    assert out.token_ids.tolist() == [eos, 35]
+
+
 def test_unpack_bitmask_reads_bit_j_of_word_i_as_token_32i_plus_j():
     words = torch.tensor([[1 | (1 << 31), 0, 1 << 5]], dtype=torch.int64).to(torch.int32)
     assert unpack_bitmask(words, 70)[0].nonzero().flatten().tolist() == [0, 31, 69]

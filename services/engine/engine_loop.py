@@ -29,7 +29,7 @@ class EngineLoop:
     load, the warm-up, each step) runs on this one thread. That keeps OpenMP fast: libgomp gives each thread that
     starts parallel regions its own team, and once it manages more threads than there are CPUs it stops letting
     them spin between regions, which put a ~0.15 ms wake-up on every parallel op (matmuls included); a batch-1
-    decode ran ~30% slower on a second thread than on the first (bench/served_throughput.py --one-stream)."""
+    decode ran ~30% slower on a second thread than on the first (bench/served_throughput.py, its one-stream line)."""
 
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]):
         self.ready: Future = Future()

@@ -3,8 +3,9 @@
 Per row, in this order: the structured-output token mask (disallowed tokens to -inf, before everything
 else, so no later rule can bring one back), logit bias, min_tokens (EOS and stop ids banned until
 reached, unless they are all the mask allows), repetition penalty, presence and frequency penalties,
-then either argmax (temperature 0) or temperature, top-k, top-p, min-p and a draw. Each stage runs once, batched over the rows that use it, so a plain greedy
-row costs only its share of one argmax and one log_softmax.
+then either argmax (temperature 0) or temperature, top-k, top-p, min-p and a draw. Each stage runs
+once, batched over the rows that use it, so a plain greedy row costs only its share of one argmax and
+one log_softmax.
 
 Reported logprobs always come from the model's raw distribution (log_softmax of the logits before any
 processing): that is what clients and the parity tests with transformers compare with.

@@ -10,8 +10,9 @@ One graph then runs the model, the logits and the sampler (xla/sampler.py) for e
 compiles all of them at start-up, with a progress bar.
 
 Rows whose parameters need the host (penalties, logit bias, min_tokens not reached, prompt logprobs, more top
-logprobs than the graph computes, a structured output's token mask) make the step use the "host" variant of its graph, which also returns the logits
-of every token; the CPU Sampler then handles those rows, and the rest keep their device samples. It is warmed up
+logprobs than the graph computes, a structured output's token mask) make the step use the "host" variant of its
+graph, which also returns the logits of every token; the CPU Sampler then handles those rows, and the rest keep
+their device samples. It is warmed up
 too, so it costs nothing new after start-up, only the transfer of the logits in the steps that need it.
 
 Compiled graphs persist in TESSERA_XLA_CACHE_PATH (default ~/.cache/tessera/xla_cache; empty disables). With
