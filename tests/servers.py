@@ -37,15 +37,16 @@ def wait_serving(address: str, timeout: float = 60.0, process: subprocess.Popen 
 class ServerProcess:
     """`tessera <role> ... --port P` as a child process, SERVING on entry, SIGTERMed on exit."""
 
-    def __init__(self, role: str, *args: str, port: int | None = None):
+    def __init__(self, role: str, *args: str, port: int | None = None, env: dict[str, str] | None = None):
         self.port = port or free_port()
+        self.env = env or {}
         self.address = f"127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "tessera.cli", "--log-level", "WARNING", role, *args,
                         "--host", "127.0.0.1", "--port", str(self.port)]
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "ServerProcess":
-        self.process = subprocess.Popen(self.command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.process = subprocess.Popen(self.command, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         wait_serving(self.address, process=self.process)
         return self
 

@@ -71,7 +71,11 @@ def tokenizer(model_dir) -> Tokenizer:
 
 
 def engine_process(model_dir) -> ServerProcess:
-    return ServerProcess("engine", "--model", str(model_dir), "--block-size", "4", "--kv-cache-memory", "16MiB")
+    # One compute thread: some tests watch each step's message (held-back stop strings), and on two cores an
+    # OpenMP thread spinning between the tiny model's ~1 ms steps can starve the engine's event loop until
+    # several steps queue up and go out merged (by design, for a reader that fell behind).
+    return ServerProcess("engine", "--model", str(model_dir), "--block-size", "4", "--kv-cache-memory", "16MiB",
+                         env={"OMP_NUM_THREADS": "1"})
 
 
 def tokenizer_process(model_dir, *engines: ServerProcess) -> ServerProcess:
