@@ -1,4 +1,6 @@
 """Compile every kernel for NVIDIA GPUs on a machine without one: `python -m tessera.kernels.compile_check 80 90`.
+`--launcher` instead builds what Triton compiles with the machine's C compiler at the first launch (the CUDA
+image runs it at build time: without a compiler and Python's headers the engine would fail at its first step).
 
 Triton's interpreter (how the tests run the kernels on a CPU) accepts code the GPU compiler rejects, e.g. a
 tl.dot smaller than 16x16 or a tile too big for shared memory. Compilation needs no GPU (the triton wheel ships
@@ -57,6 +59,21 @@ def compile_case(kernel, pointers: dict, scalars: dict, constants: dict, arch: i
     return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32))
 
 
+def check_launcher() -> None:
+    """Build Triton's CUDA driver module (driver.c, which every launch needs) as Triton itself does at run time,
+    minus linking libcuda, which only a GPU host has: proves the C compiler, Python.h and cuda.h are there."""
+    import os
+    import tempfile
+
+    from triton.backends.nvidia import driver
+    from triton.runtime.build import _build
+
+    with tempfile.TemporaryDirectory() as directory:
+        source = os.path.join(driver.dirname, "driver.c")
+        built = _build("cuda_utils", source, directory, [], driver.include_dirs, [], [])
+        print(f"triton launcher build: ok ({os.path.getsize(built)} bytes)", flush=True)
+
+
 def main(archs: list[int]) -> None:
     if not isinstance(paged_attention._paged_attention_kernel, triton.runtime.JITFunction):
         sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
@@ -67,4 +84,7 @@ def main(archs: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main([int(arch) for arch in sys.argv[1:]] or [80, 90])
+    if sys.argv[1:] == ["--launcher"]:
+        check_launcher()
+    else:
+        main([int(arch) for arch in sys.argv[1:]] or [80, 90])

@@ -4,12 +4,14 @@ The PyTorch backend gathers every decode's KV blocks into a padded copy before S
 through memory three times; the kernel reads each block in place once. It is compiled with the machine's C++
 compiler by torch.utils.cpp_extension (ninja) for the vector ISA PyTorch detected, and cached in
 $TORCH_EXTENSIONS_DIR/tessera (default ~/.cache/torch_extensions/tessera), so only the first start on a machine
-pays the ~15 s build. With no compiler, or TESSERA_NATIVE_CPU_KERNELS=0, load() returns None and the backend
+pays the ~15 s build; a complete build is loaded as is, with no compiler (the CPU image ships one per ISA, built
+with `python -m tessera.kernels.paged_attention_cpu <ISA>`). With no compiler, or TESSERA_NATIVE_CPU_KERNELS=0, load() returns None and the backend
 keeps its PyTorch path (the kernel's reference, tests/test_cpu_kernel.py).
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -27,6 +29,7 @@ ISA_FLAGS = {  # what torch.backends.cpu.get_cpu_capability() reports -> the fla
     "AVX2": ["-mavx2", "-mfma"],
 }
 
+BUILT = "built"  # written after a complete build: its presence means the library can be loaded as is
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
@@ -45,22 +48,28 @@ def load():
         return _loaded["op"]
 
 
-def build_directory() -> Path:
-    """$TORCH_EXTENSIONS_DIR/tessera/<name>: one build per vector ISA and torch version, since both change the
-    binary and venvs may share the cache."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    name = f"paged_attention_cpu_{capability.lower()}_torch{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}"
+def build_directory(capability: str | None = None) -> Path:
+    """$TORCH_EXTENSIONS_DIR/tessera/<name>: one build per vector ISA, torch version and source, since each
+    changes the binary and venvs may share the cache."""
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    source = SOURCE.read_bytes() + repr(ISA_FLAGS.get(capability, [])).encode()
+    digest = hashlib.sha256(source).hexdigest()[:12]
+    name = f"paged_attention_cpu_{capability.lower()}_torch{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{digest}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     return Path(root) / "tessera" / name
 
 
-def _build():
-    from torch.utils import cpp_extension
-
-    capability = torch.backends.cpu.get_cpu_capability()
-    directory = build_directory()
+def _build(capability: str | None = None):
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    directory = build_directory(capability)
+    library = directory / f"tessera_{directory.name}.so"
     start = time.perf_counter()
     try:
+        if (directory / BUILT).exists():  # built before (an image, an earlier start): no compiler needed
+            torch.ops.load_library(str(library))
+            return torch.ops.tessera.paged_decode_attention
+        from torch.utils import cpp_extension
+
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / "tessera.lock", "w") as lock:
             # torch guards a build with a lock *file* that a killed build leaves behind, and then every later
@@ -68,6 +77,7 @@ def _build():
             # so a torch lock file found then is stale.
             fcntl.flock(lock, fcntl.LOCK_EX)
             (directory / "lock").unlink(missing_ok=True)
+            log.info("building the native CPU attention kernel for %s (first start on this machine, ~20 s)...", capability)
             cpp_extension.load(
                 name=f"tessera_{directory.name}",
                 sources=[str(SOURCE)],
@@ -77,9 +87,20 @@ def _build():
                 build_directory=str(directory),
                 is_python_module=False,
             )
+            (directory / BUILT).touch()  # last: a build killed before this point is redone
     except Exception as e:  # no compiler, no ninja, a read-only cache...: the PyTorch path still works
         log.warning("native CPU attention kernel unavailable, using PyTorch gather + SDPA instead: %s",
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return None
     log.info("native CPU attention kernel ready (%s, %.1f s)", capability, time.perf_counter() - start)
     return torch.ops.tessera.paged_decode_attention
+
+
+if __name__ == "__main__":
+    # `python -m tessera.kernels.paged_attention_cpu AVX2` builds the kernel for that ISA whatever this machine
+    # has (images ship one per ISA, so no container needs a compiler). One ISA per process: each build registers
+    # the same op name.
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.exit(0 if _build(sys.argv[1] if len(sys.argv) > 1 else None) else 1)

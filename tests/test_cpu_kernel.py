@@ -142,8 +142,33 @@ def test_cpu_kernel_loads_past_a_lock_file_left_by_a_killed_build(tmp_path):
     copy = tmp_path / "tessera" / built.name
     shutil.copytree(built, copy)
     (copy / "lock").write_text("")
+    (copy / paged_attention_cpu.BUILT).unlink()  # the killed build never finished
     script = "from tessera.kernels import paged_attention_cpu as k; print(k.load() is not None)"
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split()[-1] == "True", out.stderr[-2000:]
     assert not (copy / "lock").exists()
+
+
+def test_a_complete_cpu_kernel_build_loads_with_no_compiler(tmp_path):
+    """What the CPU image relies on: a kernel built once (there, one per ISA at image build) loads where no
+    compiler or ninja can be found; an unfinished build (no stamp) in the same place is not trusted."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    built = paged_attention_cpu.build_directory()
+    copy = tmp_path / "tessera" / built.name
+    shutil.copytree(built, copy)
+    script = "from tessera.kernels import paged_attention_cpu as k; print(k.load() is not None)"
+    # Only the interpreter's own folder on PATH, and a compiler that does not exist.
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), PATH=os.path.dirname(sys.executable),
+               CXX="/nonexistent/c++")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "True", out.stderr[-2000:]
+
+    (copy / paged_attention_cpu.BUILT).unlink()
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "False", out.stderr[-2000:]
+    assert "native CPU attention kernel unavailable" in out.stderr
