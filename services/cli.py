@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO_MODEL = Path(__file__).resolve().parents[1] / "models" / "tessera-demo"
@@ -80,21 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(tokenizer, DEFAULT_PORT)
 
     up = roles.add_parser("up", help="every role on this machine, as child processes")
-    up.add_argument("--model", default=DEFAULT_MODEL)
-    up.add_argument("--port", type=int, default=DEFAULT_PORT, help="the tokenizer's public port")
-    up.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "tpu"])
+    up.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (default: $TESSERA_MODEL or the "
+                    "repository's demo model)")
+    up.add_argument("--port", type=int, default=DEFAULT_PORT, help="the tokenizer's public port; the engine's is "
+                    "the next one")
+    up.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "tpu"], help="the engine's --device")
 
     health = roles.add_parser("health", help="exit 0 if a tessera server reports SERVING (for container probes)")
-    health.add_argument("--address", default=f"localhost:{DEFAULT_PORT}")
+    health.add_argument("--address", default=f"localhost:{DEFAULT_PORT}", help="HOST:PORT (default: %(default)s)")
     health.add_argument("--service", default="", help="a service name; empty means the server as a whole")
 
     generate = roles.add_parser("generate", help="stream a completion from a running tessera")
-    generate.add_argument("text")
+    generate.add_argument("text", help="the prompt")
     generate.add_argument("--chat", action="store_true", help="send the text as a user message")
-    generate.add_argument("--address", default=f"localhost:{DEFAULT_PORT}")
-    generate.add_argument("--max-tokens", type=int, default=128)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--stop", action="append", default=[])
+    generate.add_argument("--address", default=f"localhost:{DEFAULT_PORT}",
+                          help="the tokenizer, HOST:PORT (default: %(default)s)")
+    generate.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: %(default)s)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
+    generate.add_argument("--stop", action="append", default=[], metavar="STR",
+                          help="stop at this string (repeatable)")
+    generate.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                          help="how long to wait for the server to be ready, e.g. while `tessera up` starts "
+                               "(default 60; 0: do not wait)")
     return parser
 
 
@@ -183,6 +191,46 @@ def run_health(args) -> int:
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+# A client waiting for a server that is starting retries its connection at least once a second.
+WAIT_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                        ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def wait_until_serving(channel, address: str, service: str, seconds: float) -> str | None:
+    """Polls the server's health for `service` until it is SERVING: None then, else after `seconds` why not.
+
+    Says once on stderr that it waits. A server without the health service is taken as ready."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + seconds
+    told = False
+    while True:
+        try:
+            timeout = min(2.0, max(0.5, deadline - time.monotonic()))
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            if response.status == health_pb2.HealthCheckResponse.SERVING:
+                return None
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            why = f"it answers but reports {status}, as a tokenizer does until an engine is up"
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return None  # no health service to ask: let Generate find out
+            if error.code() == grpc.StatusCode.NOT_FOUND and service:
+                service = ""  # not a tessera tokenizer: its overall status will do
+                continue
+            why = ("nothing answers there" if error.code() == grpc.StatusCode.UNAVAILABLE
+                   else f"{error.code().name}: {error.details()}")
+        if time.monotonic() >= deadline:
+            return why
+        if not told:
+            print(f"tessera generate: {address} is not serving yet ({why}); waiting up to {seconds:g} s for it "
+                  "to start (--wait)...", file=sys.stderr, flush=True)
+            told = True
+        time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+
+
 def run_generate(args) -> int:
     import grpc
 
@@ -197,8 +245,19 @@ def run_generate(args) -> int:
         request.messages.add(role="user", content=args.text)
     else:
         request.text = args.text
-        print(args.text, end="", flush=True)
-    with grpc.insecure_channel(args.address) as channel:
+    with grpc.insecure_channel(args.address, options=WAIT_CHANNEL_OPTIONS) as channel:
+        try:
+            service = tokenizer_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+            why = wait_until_serving(channel, args.address, service, args.wait) if args.wait > 0 else None
+        except KeyboardInterrupt:
+            return 130
+        if why is not None:
+            print(f"tessera generate: {args.address} did not become ready in {args.wait:g} s ({why}).\n"
+                  "Is `tessera up` (or `make up`) running, with its tokenizer on that port? Its log says what it "
+                  "is doing. --address picks another server, --wait waits longer.", file=sys.stderr)
+            return 1
+        if not args.chat:
+            print(args.text, end="", flush=True)
         try:
             for response in tokenizer_pb2_grpc.TextGenerationStub(channel).Generate(request):
                 print(response.text, end="", flush=True)

@@ -18,7 +18,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(address: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
+def wait_serving(address: str, timeout: float = 60.0, process: subprocess.Popen | None = None,
+                 service: str = "") -> None:
+    """Until `address` reports `service` (default: the server as a whole) SERVING."""
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -26,7 +28,8 @@ def wait_serving(address: str, timeout: float = 60.0, process: subprocess.Popen 
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"server at {address} exited with {process.returncode}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                request = health_pb2.HealthCheckRequest(service=service)
+                if stub.Check(request, timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
