@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-xla lint protos up bench demo-model clean
+.PHONY: install test test-xla test-compose images lint protos up bench demo-model clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ $(XLA_STAMP): pyproject.toml
 test-xla: $(XLA_STAMP)
 	$(TESSERA_XLA_VENV)/bin/pip install -q -e . --no-deps  # the shared venv may point at another clone
 	PJRT_DEVICE=CPU $(TESSERA_XLA_VENV)/bin/python -m pytest -q tests/xla -s
+
+# The compose stack in Docker, end to end (docker/test-compose.sh): needs root; starts dockerd if none runs.
+test-compose: $(STAMP)
+	PYTHON=$(BIN)/python docker/test-compose.sh
+
+# All four images, each smoke-checked (docker/images.sh); the CUDA and TPU ones are several GB.
+images:
+	docker/images.sh
 
 lint: $(STAMP)
 	protos/lint.sh
