@@ -13,13 +13,14 @@ from pathlib import Path
 
 import grpc
 from tessera.engine.engine import EngineConfig, LLMEngine
-from tessera.engine.v1 import engine_pb2
+from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
 from tessera.sampling_params import SamplingParams
 from tessera.tokenizer.tokenizer import Tokenizer
 from tessera.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "tessera-demo"
 ADDRESS = "localhost:50051"
+ENGINE = "localhost:50052"
 PROMPT = "def fibonacci(n):"
 
 
@@ -40,12 +41,15 @@ def generate(max_tokens: int, on_first_token=None) -> tuple[list[int], str]:
 
 def check_stream() -> None:
     served, finish = generate(48)
-    engine = LLMEngine(EngineConfig(model=str(DEMO), kv_cache_memory=64 << 20))
+    with grpc.insecure_channel(ENGINE) as channel:  # the dtype the engine chose (--dtype auto)
+        info = engine_pb2_grpc.EngineStub(channel).GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=30)
+    engine = LLMEngine(EngineConfig(model=str(DEMO), dtype=info.dtype, kv_cache_memory=64 << 20))
     prompt = Tokenizer(DEMO).encode(PROMPT)
     expected = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True))[0]
     assert served == expected.token_ids, f"served {served}\n  in-process {expected.token_ids}"
     assert finish == "FINISH_REASON_LENGTH", finish
-    print(f"stream: {len(served)} tokens through {ADDRESS}, identical to the in-process engine, {finish}")
+    print(f"stream: {len(served)} tokens through {ADDRESS}, identical to the in-process engine ({info.dtype}), "
+          f"{finish}")
 
 
 def check_stream_through_stop(command: list[str]) -> None:

@@ -32,13 +32,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "(default: $TESSERA_MODEL or the repository's demo model)")
     parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "tpu"],
                         help="where the model runs (default: $TESSERA_DEVICE, else auto: cuda, then tpu, then cpu)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16. auto (the default): "
+                        "bfloat16 on CUDA; on a CPU with AVX512-BF16 or AMX, bfloat16 for a float32 or float16 "
+                        "checkpoint; else the checkpoint's own")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--kv-cache-memory", type=parse_bytes, default=parse_bytes("1GiB"),
                         help="memory for KV tensors; the block count follows (default 1GiB)")
     parser.add_argument("--cpu-matmul", default="auto", choices=["auto", "onednn", "aten"],
                         help="CPU linear layers: oneDNN with pre-packed weights, or PyTorch's default (aten); "
                              "auto: oneDNN where it runs (float32/bfloat16)")
+    parser.add_argument("--quantization", default=None, choices=["int8"],
+                        help="CPU: int8 linear layers (weights per channel at load, activations per token; oneDNN's "
+                             "int8 GEMM), about a quarter of float32's weight bytes")
 
 
 def add_server_args(parser: argparse.ArgumentParser, port: int) -> None:
@@ -124,6 +129,7 @@ def run_engine(args) -> None:
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         cpu_matmul=args.cpu_matmul, structured_output_timeout=args.structured_output_timeout,
+        quantization=args.quantization,
     )
     asyncio.run(serve_engine(config, args.port, worker_address=(args.worker or [None])[0], host=args.host,
                              metrics_port=args.metrics_port, max_queue=args.max_queue, grace_seconds=args.grace,
@@ -139,7 +145,7 @@ def run_worker(args) -> None:
         # The XLA runner compiles buckets sized by the engine's limits, which a separate worker does not know.
         sys.exit("tessera worker: TPU workers run inside the engine for now: use `tessera engine --device tpu`")
     config = WorkerConfig(args.model, args.dtype, args.device, args.block_size, args.kv_cache_memory,
-                          cpu_matmul=args.cpu_matmul)
+                          cpu_matmul=args.cpu_matmul, quantization=args.quantization)
     asyncio.run(serve_worker(config, args.port, host=args.host, metrics_port=args.metrics_port))
 
 

@@ -44,6 +44,10 @@ class ServerProcess:
         self.port = port or free_port()
         self.env = env or {}
         self.address = f"127.0.0.1:{self.port}"
+        if role in ("engine", "worker") and "--dtype" not in args:
+            # The CLI's --dtype auto serves in bf16 on CPUs that have it; the tests compare tokens with fp32
+            # in-process engines and transformers, on every CPU (test_device.py tests auto itself).
+            args = (*args, "--dtype", "float32")
         self.command = [sys.executable, "-m", "tessera.cli", "--log-level", "WARNING", role, *args,
                         "--host", "127.0.0.1", "--port", str(self.port)]
         self.process: subprocess.Popen | None = None

@@ -7,6 +7,9 @@ import importlib.util
 import sys
 import types
 
+from pathlib import Path
+
+import grpc
 import pytest
 import torch
 from hf_reference import assert_greedy_matches_transformers
@@ -20,6 +23,8 @@ from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.engine.request import FinishReason
 from tessera.sampling_params import SamplingParams
 from tessera.worker.worker import Worker, WorkerConfig
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "tessera-demo"
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -103,6 +108,7 @@ def test_tpu_and_its_backend_through_torch_xla(monkeypatch):
 def test_backend_and_dtype_follow_the_device(monkeypatch):
     assert isinstance(attention_backend_for(torch.device("cpu")), TorchAttentionBackend)
     assert default_dtype_for(torch.device("cpu")) is None  # the checkpoint's own
+    assert default_dtype_for(torch.device("cpu"), torch.float32) is None  # only auto converts on a CPU
     if importlib.util.find_spec("triton") is not None:
         assert attention_backend_for(torch.device("cuda")).name == "triton"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
@@ -152,3 +158,35 @@ def test_cuda_graphs_give_the_eager_tokens_and_bfloat16_is_the_default(tmp_path_
     assert worker.model_config.dtype is default_dtype_for(worker.device)  # bfloat16 (float16 before Ampere)
     bf16 = LLMEngine(config, worker=worker).generate(prompts, params)
     assert all(len(c.token_ids) == 12 for c in bf16)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_dtype_auto_serves_fp32_checkpoints_in_bf16_on_cpus_that_have_it(monkeypatch, native_bf16):
+    """The CLI's default: bf16 where the CPU runs it natively (AVX512-BF16 or AMX), the checkpoint's own
+    elsewhere; a bf16 checkpoint stays bf16 and a named dtype always wins."""
+    from tessera.cli import build_parser
+    from tessera.worker import device
+
+    assert build_parser().parse_args(["engine"]).dtype == "auto"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert device.cpu_has_native_bf16() is native_bf16
+    assert default_dtype_for(cpu, torch.float32, auto=True) is (torch.bfloat16 if native_bf16 else None)
+    assert default_dtype_for(cpu, torch.bfloat16, auto=True) is None
+    model_dir = str(DEMO)
+    auto = Worker(WorkerConfig(model_dir, "auto", "cpu", 4, 1 << 22)).model_config.dtype
+    assert auto is (torch.bfloat16 if native_bf16 else torch.float32)
+    assert Worker(WorkerConfig(model_dir, "float32", "cpu", 4, 1 << 22)).model_config.dtype is torch.float32
+
+
+def test_dtype_auto_over_the_wire_matches_what_the_cpu_offers():
+    """`tessera engine --dtype auto` on this machine: GetModelInfo tells the dtype auto chose."""
+    from servers import ServerProcess
+    from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
+    from tessera.worker.device import cpu_has_native_bf16
+
+    with ServerProcess("engine", "--model", str(DEMO), "--dtype", "auto", "--kv-cache-memory", "16MiB") as engine:
+        with grpc.insecure_channel(engine.address) as channel:
+            info = engine_pb2_grpc.EngineStub(channel).GetModelInfo(engine_pb2.GetModelInfoRequest(), timeout=30)
+    assert info.dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")

@@ -47,6 +47,7 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no CUDA graphs
     cpu_matmul: str = "auto"  # CPU linear layers: onednn, aten, or auto (see worker/models/packed_linear.py)
     structured_output_timeout: float = 10.0  # seconds a constraint may take to compile before it is refused
+    quantization: str | None = None  # CPU: "int8" linear layers (see worker/models/int8_linear.py)
 
 
 @dataclass

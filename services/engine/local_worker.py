@@ -13,7 +13,7 @@ def worker_config(config: EngineConfig):
     from tessera.worker.worker import WorkerConfig
 
     return WorkerConfig(config.model, config.dtype, config.device, config.block_size, config.kv_cache_memory,
-                        config.num_kv_blocks, config.enforce_eager, config.cpu_matmul)
+                        config.num_kv_blocks, config.enforce_eager, config.cpu_matmul, config.quantization)
 
 
 def make_local_worker(config: EngineConfig) -> WorkerClient:

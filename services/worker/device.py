@@ -61,11 +61,23 @@ def attention_backend_for(device: torch.device) -> AttentionBackend:
     return TorchAttentionBackend()
 
 
-def default_dtype_for(device: torch.device) -> torch.dtype | None:
-    """The dtype to run in when none is asked for; None keeps the checkpoint's own."""
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: oneDNN then runs bf16 matmuls natively, on half the bytes of fp32 weights."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
+def default_dtype_for(device: torch.device, checkpoint_dtype: torch.dtype | None = None,
+                      auto: bool = False) -> torch.dtype | None:
+    """The dtype to run in when none is named; None keeps the checkpoint's own.
+
+    CUDA: bf16, which has fp32's range, so no overflow in activations (fp16 before Ampere). `auto` on a CPU with
+    native bf16 (AVX512-BF16, AMX) also serves an fp32 or fp16 checkpoint in bf16, as vLLM's CPU backend does:
+    decode streams every weight once per step, so half the bytes is nearly twice the speed."""
     if device.type == "cuda":
-        # bf16 has fp32's range, so no overflow in activations; GPUs before Ampere lack it and get fp16.
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if auto and device.type == "cpu" and checkpoint_dtype in (torch.float32, torch.float16) and cpu_has_native_bf16():
+        return torch.bfloat16
     return None
 
 

@@ -15,6 +15,7 @@ from tessera.worker.checkpoint import load_model
 from tessera.worker.device import attention_backend_for, default_dtype_for, resolve_device
 from tessera.worker.host_allocator import keep_large_allocations_in_heap
 from tessera.model_config import ModelConfig
+from tessera.worker.models.int8_linear import QUANTIZATIONS, quantize_linear_layers
 from tessera.worker.models.packed_linear import pack_linear_layers, resolve_cpu_matmul
 from tessera.worker.sampler import Sampler, SamplingRow, top_logprobs
 from tessera.sampling_params import SamplingParams
@@ -26,13 +27,15 @@ log = logging.getLogger("tessera.worker")
 @dataclass
 class WorkerConfig:
     model: str
-    dtype: str | None = None  # None: the checkpoint's own on CPU, bfloat16 on CUDA
+    # None: the checkpoint's own on CPU, bfloat16 on CUDA; auto (the CLI's default) also bf16 on CPUs that have it
+    dtype: str | None = None
     device: str = "cpu"  # auto, cpu, cuda, tpu (see device.py)
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes of KV tensors; the block count follows from it
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use few blocks to force preemption)
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     cpu_matmul: str = "auto"  # CPU linear layers: onednn (pre-packed weights) or aten; auto: onednn where it runs
+    quantization: str | None = None  # CPU: "int8" linear layers (models/int8_linear.py)
 
 
 @dataclass
@@ -48,12 +51,29 @@ class Worker:
     def __init__(self, config: WorkerConfig, attn_backend: AttentionBackend | None = None):
         self.device = resolve_device(config.device)
         self.attn_backend = attn_backend or attention_backend_for(self.device)
-        dtype = config.dtype if config.dtype not in (None, "auto") else default_dtype_for(self.device)
+        dtype = config.dtype
+        if dtype in (None, "auto"):
+            checkpoint_dtype = ModelConfig.from_pretrained(config.model).dtype
+            dtype = default_dtype_for(self.device, checkpoint_dtype, auto=config.dtype == "auto")
+            if dtype is not None and dtype != checkpoint_dtype:
+                name, ours = str(checkpoint_dtype).removeprefix("torch."), str(dtype).removeprefix("torch.")
+                why = "this CPU has native bf16 (AVX512-BF16 or AMX)" if self.device.type == "cpu" else self.device.type
+                log.info("serving the %s checkpoint in %s: %s; --dtype %s keeps %s", name, ours, why, name, name)
         self.model, self.model_config = load_model(config.model, self.attn_backend, dtype, self.device)
         mc: ModelConfig = self.model_config
         if self.device.type == "cpu":
             keep_large_allocations_in_heap()
-        self.cpu_matmul = resolve_cpu_matmul(config.cpu_matmul, self.device, mc.dtype)
+        self.quantization = config.quantization
+        if self.quantization is not None:
+            if self.quantization not in QUANTIZATIONS:
+                raise ValueError(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+            if self.device.type != "cpu":
+                raise ValueError(f"quantization {self.quantization} runs on the CPU only (device {self.device.type})")
+            log.info("int8: %d linear layers quantized (weights per channel, activations per token)",
+                     quantize_linear_layers(self.model))
+            self.cpu_matmul = "int8"
+        else:
+            self.cpu_matmul = resolve_cpu_matmul(config.cpu_matmul, self.device, mc.dtype)
         if self.cpu_matmul == "onednn":
             log.info("oneDNN matmuls: %d linear layers packed", pack_linear_layers(self.model))
         self.block_size = config.block_size
