@@ -34,7 +34,9 @@ fi
 if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
 say "compose: $("${compose[@]}" version --short 2>/dev/null || "${compose[@]}" version | head -1)"
 
+ours=()  # files this run put in docker/wheels/
 cleanup() {
+    rm -f "${ours[@]}"
     "${compose[@]}" down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 || true
     docker rm -f "$COMPOSE_PROJECT_NAME-sidecar" >/dev/null 2>&1 || true
     if [ -n "$started_dockerd" ]; then kill "$started_dockerd" && wait "$started_dockerd" || true; fi
@@ -48,8 +50,14 @@ export PYTHON_IMAGE
 
 # 3. The images. torch comes from wherever the host's pip takes it (its configuration, never a host written
 # here): its wheel goes into docker/wheels/, which every build searches first.
+# It is removed again at the end, so that a later CUDA build does not find a CPU torch there.
 torch_version=$(sed -n 's/^ARG TORCH_VERSION=//p' docker/Dockerfile.cpu)
-"$PYTHON" -m pip download -q --no-deps --dest docker/wheels "torch==$torch_version" 2>/dev/null
+wheels=$(mktemp -d)
+"$PYTHON" -m pip download -q --no-deps --dest "$wheels" "torch==$torch_version" 2>/dev/null
+for wheel in "$wheels"/*.whl; do
+    [ -e "docker/wheels/${wheel##*/}" ] || { mv "$wheel" docker/wheels/; ours+=("docker/wheels/${wheel##*/}"); }
+done
+rmdir "$wheels" 2>/dev/null || rm -rf "$wheels"
 export TORCH_INDEX_URL=
 index=$("$PYTHON" -m pip config get global.index-url 2>/dev/null || true)
 case "$index" in http*) export PIP_INDEX_URL=$index ;; esac  # a file:// index is not visible inside a build
