@@ -46,11 +46,49 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "int8 GEMM), about a quarter of float32's weight bytes")
 
 
-def add_server_args(parser: argparse.ArgumentParser, port: int) -> None:
+def add_server_args(parser: argparse.ArgumentParser, port: int, max_request_bytes: str = "4MiB") -> None:
     parser.add_argument("--host", default="[::]")
     parser.add_argument("--port", type=int, default=port)
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="on SIGTERM, seconds in-flight calls get to finish while health says NOT_SERVING and "
+                             "new calls get UNAVAILABLE (default 30; a second signal stops at once)")
+    parser.add_argument("--max-request-bytes", type=parse_bytes, default=parse_bytes(max_request_bytes),
+                        help=f"largest request message accepted; a bigger one is RESOURCE_EXHAUSTED from gRPC "
+                             f"(default {max_request_bytes})")
+
+
+def add_limit_args(parser: argparse.ArgumentParser, tokenizer: bool) -> None:
+    """Per-request work limits (limits.Limits): a request over one is INVALID_ARGUMENT before any work."""
+    from tessera.limits import Limits
+
+    default = Limits()
+    limit = parser.add_argument_group(
+        "request limits", "A request over one is INVALID_ARGUMENT, before any work starts. A request_id (the field "
+        "or x-request-id) is 1-128 printable ASCII characters without spaces on every server (not a flag).")
+    limit.add_argument("--max-n", type=int, default=default.max_n,
+                       help=f"samples per request, n (default {default.max_n})" +
+                            ("" if tokenizer else "; never more than max-num-seqs + max-queue"))
+    if tokenizer:
+        limit.add_argument("--max-prompt-bytes", type=parse_bytes, default=default.max_prompt_bytes,
+                           help="UTF-8 bytes of a prompt: the text, a chat's roles and contents, and the chat "
+                                "rendered with its template (default 1MiB)")
+        limit.add_argument("--max-stop-strings", type=int, default=default.max_stop_strings,
+                           help=f"stopping.stop strings per request (default {default.max_stop_strings})")
+        limit.add_argument("--max-stop-string-chars", type=int, default=default.max_stop_string_chars,
+                           help=f"characters of each stop string (default {default.max_stop_string_chars})")
+    limit.add_argument("--max-logit-bias", type=int, default=default.max_logit_bias,
+                       help=f"sampling.logit_bias entries per request (default {default.max_logit_bias})")
+    limit.add_argument("--max-stop-token-ids", type=int, default=default.max_stop_token_ids,
+                       help=f"stopping.stop_token_ids per request (default {default.max_stop_token_ids})")
+
+
+def limits_from(args):
+    from dataclasses import fields
+
+    from tessera.limits import Limits
+
+    return Limits(**{f.name: getattr(args, f.name) for f in fields(Limits) if hasattr(args, f.name)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,22 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-seqs", type=int, default=128)
     engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
     engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    engine.add_argument("--max-queue", type=int, default=256,
+                        help="waiting requests before RESOURCE_EXHAUSTED (retry later); n above max-num-seqs + "
+                             "max-queue can never fit: INVALID_ARGUMENT")
     engine.add_argument("--no-prefix-caching", action="store_true")
     engine.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
     engine.add_argument("--structured-output-timeout", type=float, default=10.0,
                         help="seconds a structured-output constraint may take to compile (cached after) before the "
                              "request is refused with INVALID_ARGUMENT")
+    add_limit_args(engine, tokenizer=False)
 
     worker = roles.add_parser("worker", help="a worker: model weights, KV tensors, sampler")
     add_model_args(worker)
-    add_server_args(worker, DEFAULT_PORT + 2)
+    add_server_args(worker, DEFAULT_PORT + 2, max_request_bytes="64MiB")  # step plans of a whole batch
 
     tokenizer = roles.add_parser("tokenizer", help="the front door: text in, text out")
     tokenizer.add_argument("--model", default=DEFAULT_MODEL, help="directory with tokenizer.json")
     tokenizer.add_argument("--engine", action="append", default=[], metavar="HOST:PORT",
                            help="an engine to forward to (repeatable; the least loaded one is chosen)")
     add_server_args(tokenizer, DEFAULT_PORT)
+    add_limit_args(tokenizer, tokenizer=True)
 
     up = roles.add_parser("up", help="every role on this machine, as child processes")
     up.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (default: $TESSERA_MODEL or the "
@@ -133,7 +175,8 @@ def run_engine(args) -> None:
     )
     asyncio.run(serve_engine(config, args.port, worker_address=(args.worker or [None])[0], host=args.host,
                              metrics_port=args.metrics_port, max_queue=args.max_queue, grace_seconds=args.grace,
-                             worker_step_timeout=args.worker_step_timeout))
+                             worker_step_timeout=args.worker_step_timeout, limits=limits_from(args),
+                             max_request_bytes=args.max_request_bytes))
 
 
 def run_worker(args) -> None:
@@ -146,7 +189,8 @@ def run_worker(args) -> None:
         sys.exit("tessera worker: TPU workers run inside the engine for now: use `tessera engine --device tpu`")
     config = WorkerConfig(args.model, args.dtype, args.device, args.block_size, args.kv_cache_memory,
                           cpu_matmul=args.cpu_matmul, quantization=args.quantization)
-    asyncio.run(serve_worker(config, args.port, host=args.host, metrics_port=args.metrics_port))
+    asyncio.run(serve_worker(config, args.port, host=args.host, metrics_port=args.metrics_port,
+                             max_request_bytes=args.max_request_bytes))
 
 
 def run_tokenizer(args) -> None:
@@ -154,7 +198,8 @@ def run_tokenizer(args) -> None:
 
     engines = args.engine or [f"localhost:{DEFAULT_PORT + 1}"]
     asyncio.run(serve_tokenizer(args.model, engines, args.port, host=args.host, metrics_port=args.metrics_port,
-                                grace_seconds=args.grace))
+                                grace_seconds=args.grace, limits=limits_from(args),
+                                max_request_bytes=args.max_request_bytes))
 
 
 def run_up(args) -> int:

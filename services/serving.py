@@ -1,5 +1,6 @@
 """What every tessera server has: health (overall and per service, Watch included), server reflection, a
-Prometheus metrics port, errors that are never UNKNOWN, and a graceful drain on SIGTERM.
+Prometheus metrics port, errors that are never UNKNOWN, a bound on request size, and a graceful drain on SIGTERM
+(health NOT_SERVING and new calls UNAVAILABLE while the port stays open for in-flight calls and health checks).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
+from tessera.limits import MAX_REQUEST_BYTES, REQUEST_ID_MAX_CHARS, check_request_id
 from tessera.metrics import REQUESTS
 from tessera.registration import add_servicer
 from tessera.sampling_params import InvalidParam
@@ -22,10 +24,13 @@ from tessera.sampling_params import InvalidParam
 log = logging.getLogger("tessera.server")
 
 MAX_MESSAGE_BYTES = 64 << 20  # long prompts and prompt logprobs make big messages
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS = [  # clients of other tessera servers: replies (prompt logprobs) can be big
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# While draining every new call is refused except those to these services, and Abort (it only ends work that is
+# already running, e.g. a tokenizer's sample that met its stop string).
+DRAIN_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class RpcError(Exception):
@@ -90,20 +95,84 @@ def rpc_method(method):
     return unary
 
 
-def request_id_from(context: grpc.aio.ServicerContext, given: str = "") -> str:
+def request_id_from(context: grpc.aio.ServicerContext, given: str = "", max_chars: int = REQUEST_ID_MAX_CHARS) -> str:
+    """The request's id, from the field or else the x-request-id metadata, checked (limits.check_request_id);
+    empty when neither has one."""
     if given:
-        return given
+        return check_request_id(given, max_chars)
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id":
-            return value
+            return check_request_id(value, max_chars, "the x-request-id metadata")
     return ""
+
+
+class DrainGate(grpc.aio.ServerInterceptor):
+    """Counts the calls in flight and, once `draining`, refuses new ones with UNAVAILABLE, except health,
+    reflection and Abort: the listener stays open for those while in-flight streams finish."""
+
+    def __init__(self):
+        self.draining = False
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(DRAIN_EXEMPT) or method.endswith("/Abort"):
+            return handler
+        kind = ("stream" if handler.request_streaming else "unary") + "_" + \
+               ("stream" if handler.response_streaming else "unary")
+        return handler._replace(**{kind: self._gated(getattr(handler, kind))})
+
+    def _enter(self) -> bool:
+        if self.draining:
+            return False
+        self.in_flight += 1
+        self.idle.clear()
+        return True
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+    def _gated(self, behavior):
+        refusal = "the server is draining (shutting down): send new calls to another one"
+        if inspect.isasyncgenfunction(behavior):
+            async def stream(request, context):
+                if not self._enter():
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    self._leave()
+
+            return stream
+
+        async def call(request, context):
+            if not self._enter():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
+            try:
+                return await behavior(request, context)
+            finally:
+                self._leave()
+
+        return call
 
 
 class Server:
     """A grpc.aio server with health, reflection and a drain; roles add their servicers before start()."""
 
-    def __init__(self, port: int, host: str = "[::]", grace_seconds: float = 30.0):
-        self.grpc = grpc.aio.server(options=CHANNEL_OPTIONS)
+    def __init__(self, port: int, host: str = "[::]", grace_seconds: float = 30.0,
+                 max_request_bytes: int = MAX_REQUEST_BYTES):
+        # A bigger request is RESOURCE_EXHAUSTED ("Received message larger than max"), from gRPC itself.
+        self.gate = DrainGate()
+        self.grpc = grpc.aio.server(interceptors=[self.gate], options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", max_request_bytes),
+        ])
         self.address = f"{host}:{port}"
         self.grace_seconds = grace_seconds
         self.health = health.aio.HealthServicer()
@@ -131,16 +200,36 @@ class Server:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
-    async def drain(self) -> None:
-        """Stops taking new calls, lets in-flight streams finish within the grace period, then stops."""
+    async def drain(self, cut_short: asyncio.Event | None = None) -> None:
+        """Health says NOT_SERVING and new calls get UNAVAILABLE, while the listener stays open (health checks
+        get their answer) and in-flight calls finish, for up to the grace period (or until `cut_short` is set);
+        then the server stops, cancelling what is left."""
+        self.gate.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(self.grace_seconds)
+        waits = [asyncio.ensure_future(self.gate.idle.wait())]
+        if cut_short is not None:
+            waits.append(asyncio.ensure_future(cut_short.wait()))
+        _, pending = await asyncio.wait(waits, timeout=self.grace_seconds, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+        if self.gate.in_flight:
+            log.warning("stopping with %d calls still in flight", self.gate.in_flight)
+        # A moment for the calls that just ended to send their status; health watchers are cut off.
+        await self.grpc.stop(0.5 if not self.gate.in_flight else 0)
 
     async def serve_until_signalled(self) -> None:
+        """Serves until SIGTERM or SIGINT, then drains; a second signal ends the drain at once."""
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        signals = 0
+        stop, again = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            (stop if signals == 1 else again).set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         await stop.wait()
-        log.info("draining (up to %.0f s for in-flight streams)", self.grace_seconds)
-        await self.drain()
+        log.info("draining (up to %.0f s for in-flight calls; a second signal stops at once)", self.grace_seconds)
+        await self.drain(again)

@@ -219,6 +219,45 @@ def test_sigterm_drains_in_flight_streams(model_dir):
         server.stop()
 
 
+def test_a_draining_engine_says_not_serving_refuses_new_calls_and_exits_once_streams_end(model_dir):
+    """During the drain the port stays open: a new connection's health check gets NOT_SERVING (not "connection
+    refused"), a new Generate gets UNAVAILABLE, Abort still works, the in-flight stream runs to its end, and the
+    process exits 0 then, well before the grace period is over."""
+    server = ServerProcess("engine", "--model", str(model_dir), "--grace", "120").start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = engine_pb2_grpc.EngineStub(channel)
+            running = stub.Generate(greedy(max_tokens=4000, request_id="in-flight"))  # seconds of work
+            first = next(running)
+            to_abort = stub.Generate(greedy(max_tokens=4000, request_id="to-abort"))
+            next(to_abort)
+            server.process.send_signal(signal.SIGTERM)
+            with grpc.insecure_channel(server.address) as fresh:  # a new connection: the listener is still open
+                health = health_pb2_grpc.HealthStub(fresh)
+                deadline = time.monotonic() + 10
+                while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != \
+                        health_pb2.HealthCheckResponse.NOT_SERVING:
+                    assert time.monotonic() < deadline, "still SERVING 10 s after SIGTERM"
+                    time.sleep(0.02)
+                assert health.Check(health_pb2.HealthCheckRequest(service="tessera.engine.v1.Engine"),
+                                    timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                with pytest.raises(grpc.RpcError) as error:
+                    list(engine_pb2_grpc.EngineStub(fresh).Generate(greedy(max_tokens=2), timeout=10))
+                assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in error.value.details()
+                with pytest.raises(grpc.RpcError) as error:
+                    engine_pb2_grpc.EngineStub(fresh).GetLoad(engine_pb2.GetLoadRequest(), timeout=10)
+                assert error.value.code() == grpc.StatusCode.UNAVAILABLE  # a router stops choosing it
+                aborted = engine_pb2_grpc.EngineStub(fresh).Abort(engine_pb2.AbortRequest(request_ids=["to-abort"]))
+                assert aborted.num_aborted == 1
+            assert list(to_abort)[-1].finish_reason == engine_pb2.FINISH_REASON_ABORT
+            rest = list(running)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 4000
+        assert rest[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH
+        assert server.process.wait(60) == 0  # once the streams ended, not after the 120 s grace
+    finally:
+        server.stop()
+
+
 def test_a_stalled_reader_does_not_stall_other_streams(stub):
     """A client that stops reading fills its flow-control window and blocks its own handler; the engine and
     every other stream go on (big top-20 logprob messages fill the window quickly)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -587,6 +588,33 @@ def test_failover_when_an_engine_dies_and_unavailable_when_all_are_down(model_di
         assert health(only.address, TOKENIZER) == health_pb2.HealthCheckResponse.SERVING
         tokenized = tokenizer_pb2_grpc.TokenizerStub(b).Tokenize(tokenizer_pb2.TokenizeRequest(text=PROMPT))
         assert list(tokenized.token_ids) == tokenizer.encode(PROMPT)  # text work goes on without engines
+
+
+def test_a_draining_tokenizer_says_not_serving_refuses_new_calls_and_finishes_its_streams(model_dir, engine):
+    """SIGTERM: health on a new connection says NOT_SERVING, new calls get UNAVAILABLE, the in-flight text stream
+    runs to its end, and the process exits 0 then (not after the grace period)."""
+    server = ServerProcess("tokenizer", "--model", str(model_dir), f"--engine={engine.address}", "--grace", "120")
+    with server, grpc.insecure_channel(server.address) as channel:
+        running = tokenizer_pb2_grpc.TextGenerationStub(channel).Generate(
+            request(PROMPT, max_tokens=LONG, ignore_eos=True))
+        first = next(running)
+        server.process.send_signal(signal.SIGTERM)
+        with grpc.insecure_channel(server.address) as fresh:
+            deadline = time.monotonic() + 10
+            while (status := health(server.address, "")) != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, f"{status} 10 s after SIGTERM"
+                time.sleep(0.02)
+            assert health(server.address, TEXT_GENERATION) == health_pb2.HealthCheckResponse.NOT_SERVING
+            for rpc in (lambda: list(tokenizer_pb2_grpc.TextGenerationStub(fresh).Generate(request(PROMPT), timeout=10)),
+                        lambda: tokenizer_pb2_grpc.TokenizerStub(fresh).Tokenize(
+                            tokenizer_pb2.TokenizeRequest(text=PROMPT), timeout=10)):
+                with pytest.raises(grpc.RpcError) as error:
+                    rpc()
+                assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in error.value.details()
+        rest = list(running)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == LONG
+        assert rest[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH
+        assert server.process.wait(60) == 0
 
 
 def test_a_full_engine_is_skipped_and_all_full_is_resource_exhausted(model_dir):

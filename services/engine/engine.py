@@ -111,15 +111,15 @@ class LLMEngine:
         vocab_size = self.model_config.vocab_size
         if not prompt_token_ids:
             raise InvalidParam("prompt_token_ids", "must not be empty")
-        for token_id in prompt_token_ids:
-            if not 0 <= token_id < vocab_size:
-                raise InvalidParam("prompt_token_ids", f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
-        if len(prompt_token_ids) >= self.max_model_len:
+        if len(prompt_token_ids) >= self.max_model_len:  # before looking at each id: bounded work
             raise InvalidParam(
                 "prompt_token_ids",
                 f"the prompt has {len(prompt_token_ids)} tokens; the model allows at most {self.max_model_len - 1}",
                 out_of_range=True,
             )
+        for token_id in prompt_token_ids:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidParam("prompt_token_ids", f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
         params.validate(vocab_size, self.config.max_logprobs)
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise InvalidParam(

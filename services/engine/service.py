@@ -21,16 +21,20 @@ from tessera.engine.engine_loop import EngineLoop
 from tessera.engine.loop_outbox import LoopOutbox
 from tessera.engine.request import RequestOutput
 from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
+from tessera.limits import (MAX_REQUEST_BYTES, REQUEST_ID_MAX_CHARS, SAMPLE_SUFFIX_CHARS, Limits, check_generation,
+                            sample_seed)
 from tessera.metrics import TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN
+from tessera.sampling_params import InvalidParam
 from tessera.serving import RpcError, request_id_from, rpc_method
 
 log = logging.getLogger("tessera.engine")
 
 
 class EngineService(engine_pb2_grpc.EngineServicer):
-    def __init__(self, max_queue: int = 256, model_name: str = ""):
+    def __init__(self, max_queue: int = 256, model_name: str = "", limits: Limits = Limits()):
         self.loop: EngineLoop | None = None  # set once the model is loaded
         self.max_queue = max_queue
+        self.limits = limits
         self.model_name = model_name
         self.samples: dict[str, list[str]] = {}  # client request id -> engine request ids of its samples
 
@@ -48,7 +52,16 @@ class EngineService(engine_pb2_grpc.EngineServicer):
     @rpc_method
     async def Generate(self, request, context):
         engine = self.engine
-        request_id = request_id_from(context, request.request_id) or uuid.uuid4().hex
+        # Bounded work first, before anything is copied, converted or submitted (limits.py). A tokenizer's
+        # sample i of n is "<request_id>/<i>": room for that suffix.
+        request_id = (request_id_from(context, request.request_id, REQUEST_ID_MAX_CHARS + SAMPLE_SUFFIX_CHARS)
+                      or uuid.uuid4().hex)
+        check_generation(request, self.limits)
+        n = max(request.n, 1)
+        capacity = engine.config.max_num_seqs + self.max_queue
+        if n > capacity:  # no retry can fix this one: not RESOURCE_EXHAUSTED
+            raise InvalidParam("n", f"{n} samples can never fit: this engine holds at most {capacity} requests "
+                                    f"(max_num_seqs {engine.config.max_num_seqs} + max_queue {self.max_queue})")
         params = engine_params_from_request(request, engine.max_model_len)
         prompt = list(request.prompt_token_ids)
         engine.validate(prompt, params)
@@ -58,8 +71,6 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         constraint = await engine.grammars.compile_async(spec) if spec is not None else None
         if request_id in self.samples:
             raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already running")
-        n = max(request.n, 1)
-        capacity = engine.config.max_num_seqs + self.max_queue
         if self.loop.num_unfinished() + n > capacity:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({self.max_queue} waiting); retry later")
 
@@ -69,9 +80,12 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         unfinished = set()  # the samples this call submitted that have not finished: only these are its to abort
         try:
             for index, engine_id in enumerate(ids):
-                # Sample i of a seeded request uses seed + i, so the n samples differ but stay reproducible.
-                sample_params = params if params.seed is None else replace(params, seed=params.seed + index)
-                sink = lambda out, index=index: self.outbox.put(outputs, (index, out))
+                # Sample i of a seeded request uses seed + i (wrapped into int64), so the n samples differ but
+                # stay reproducible.
+                sample_params = params if params.seed is None else replace(params, seed=sample_seed(params.seed, index))
+                def sink(out, index=index):
+                    self.outbox.put(outputs, (index, out))
+
                 # A refusal here (another request already runs under this engine id, e.g. a client id "x/0"
                 # while "x" runs with n=2) must leave that other request alone.
                 self.loop.submit(prompt, sample_params, sink, engine_id, request.priority, constraint)
@@ -173,14 +187,15 @@ def warm_up(engine: LLMEngine) -> None:
 
 async def serve_engine(config, port: int, *, worker_address: str | None = None, host: str = "[::]",
                        metrics_port: int | None = None, max_queue: int = 256, model_name: str | None = None,
-                       grace_seconds: float = 30.0, worker_step_timeout: float = 120.0) -> None:
+                       grace_seconds: float = 30.0, worker_step_timeout: float = 120.0,
+                       limits: Limits = Limits(), max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
     from pathlib import Path
 
     from tessera.metrics import serve_metrics
     from tessera.serving import Server
 
-    server = Server(port, host, grace_seconds)
-    service = EngineService(max_queue, model_name or "")
+    server = Server(port, host, grace_seconds, max_request_bytes)
+    service = EngineService(max_queue, model_name or "", limits)
     server.add_servicer(service, engine_pb2.DESCRIPTOR.services_by_name["Engine"])
     bound = await server.start()
     log.info("engine on port %d (NOT_SERVING while loading); loading %s", bound, config.model)

@@ -15,6 +15,9 @@ import uuid
 import grpc
 
 from tessera.engine.v1 import engine_pb2
+from tessera.limits import (MAX_REQUEST_BYTES, Limits, check_generation, check_messages, check_prompt_bytes,
+                            check_stop_strings, sample_seed)
+from tessera.sampling_params import InvalidParam
 from tessera.serving import RpcError, Server, request_id_from, rpc_method
 from tessera.tokenizer.chat_template import ChatTemplateError, render_chat
 from tessera.tokenizer.detokenizer import IncrementalDetokenizer
@@ -51,7 +54,16 @@ def text_of_tokens(ids, finished: bool, detokenizer: IncrementalDetokenizer,
     return text, kept, matched
 
 
-def render_messages(tokenizer: Tokenizer, messages, add_generation_prompt: bool, template: str | None) -> str:
+def render_messages(tokenizer: Tokenizer, messages, add_generation_prompt: bool, template: str | None,
+                    limits: Limits) -> str:
+    """The chat as prompt text; the messages and then the rendered prompt within limits.max_prompt_bytes."""
+    check_messages(messages, limits)
+    prompt = _render(tokenizer, messages, add_generation_prompt, template)
+    check_prompt_bytes("messages", len(prompt.encode()), limits, "the chat rendered with its template")
+    return prompt
+
+
+def _render(tokenizer: Tokenizer, messages, add_generation_prompt: bool, template: str | None) -> str:
     chat = [{"role": m.role, "content": m.content} for m in messages]
     if not chat:
         raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "messages: must not be empty")
@@ -68,12 +80,15 @@ def render_messages(tokenizer: Tokenizer, messages, add_generation_prompt: bool,
 
 
 class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, limits: Limits = Limits()):
         self.tokenizer = tokenizer
+        self.limits = limits
 
     @rpc_method
     async def Tokenize(self, request, context):
-        ids, offsets = self.tokenizer.encode_with_offsets(request.text, optional(request, "add_special_tokens", True))
+        check_prompt_bytes("text", len(request.text.encode()), self.limits, "the text")
+        ids, offsets = await asyncio.to_thread(self.tokenizer.encode_with_offsets, request.text,
+                                               optional(request, "add_special_tokens", True))
         response = tokenizer_pb2.TokenizeResponse(token_ids=ids)
         if request.return_offsets:
             response.offsets.extend(tokenizer_pb2.TokenOffset(start=s, end=e) for s, e in offsets)
@@ -81,19 +96,23 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
 
     @rpc_method
     async def Detokenize(self, request, context):
-        bad = next((t for t in request.token_ids if t >= self.tokenizer.vocab_size), None)
-        if bad is not None:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"token_ids: {bad} is outside the vocabulary [0, {self.tokenizer.vocab_size})")
-        skip = optional(request, "skip_special_tokens", True)
-        return tokenizer_pb2.DetokenizeResponse(text=self.tokenizer.decode(request.token_ids, skip))
+        def decode() -> str:  # on a thread: a request may hold millions of ids
+            bad = next((t for t in request.token_ids if t >= self.tokenizer.vocab_size), None)
+            if bad is not None:
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"token_ids: {bad} is outside the vocabulary [0, {self.tokenizer.vocab_size})")
+            return self.tokenizer.decode(request.token_ids, optional(request, "skip_special_tokens", True))
+
+        return tokenizer_pb2.DetokenizeResponse(text=await asyncio.to_thread(decode))
 
     @rpc_method
     async def RenderChat(self, request, context):
-        prompt = await asyncio.to_thread(render_messages, self.tokenizer, request.messages,
-                                         optional(request, "add_generation_prompt", True),
-                                         optional(request, "chat_template", None))
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)  # the template wrote BOS where it belongs
+        def render() -> tuple[str, list[int]]:
+            prompt = render_messages(self.tokenizer, request.messages, optional(request, "add_generation_prompt", True),
+                                     optional(request, "chat_template", None), self.limits)
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)  # the template wrote BOS
+
+        prompt, ids = await asyncio.to_thread(render)
         return tokenizer_pb2.RenderChatResponse(prompt=prompt, token_ids=ids)
 
     @rpc_method
@@ -117,32 +136,54 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
 
 
 class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
-    def __init__(self, tokenizer: Tokenizer, router: EngineRouter):
+    def __init__(self, tokenizer: Tokenizer, router: EngineRouter, limits: Limits = Limits()):
         self.tokenizer = tokenizer
         self.router = router
+        self.limits = limits
 
     def prompt_ids(self, request) -> list[int]:
-        if bool(request.text) == bool(request.messages):
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "text: set exactly one of text and messages")
+        """Tokenized (on a thread): the text's size is checked before, a chat's in render_messages."""
         if request.text:
             return self.tokenizer.encode(request.text, optional(request, "add_special_tokens", True))
         prompt = render_messages(self.tokenizer, request.messages, optional(request, "add_generation_prompt", True),
-                                 optional(request, "chat_template", None))
+                                 optional(request, "chat_template", None), self.limits)
         return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def check_prompt_length(self, prompt_ids: list[int]) -> None:
+        """The engines' own check (OUT_OF_RANGE), made once here rather than by each of n engine calls."""
+        max_model_len = max((e.info.max_model_len for e in self.router.engines if e.info is not None), default=None)
+        if max_model_len and len(prompt_ids) >= max_model_len:
+            raise InvalidParam("prompt_token_ids", f"the prompt has {len(prompt_ids)} tokens; the model allows at "
+                                                   f"most {max_model_len - 1}", out_of_range=True)
 
     @rpc_method
     async def Generate(self, request, context):
+        # Bounded work (limits.py), checked before anything is tokenized, copied or sent.
         request_id = request_id_from(context, request.request_id) or uuid.uuid4().hex
-        for i, stop in enumerate(request.stopping.stop):
-            if not stop:
-                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"stopping.stop[{i}]: must not be empty")
+        check_generation(request, self.limits)
+        check_stop_strings(request.stopping.stop, self.limits)
+        if bool(request.text) == bool(request.messages):
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "text: set exactly one of text and messages")
+        if request.text:
+            check_prompt_bytes("text", len(request.text.encode()), self.limits)
         prompt_ids = await asyncio.to_thread(self.prompt_ids, request)
+        self.check_prompt_length(prompt_ids)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         n = max(request.n, 1)
+        base = engine_pb2.GenerateRequest(
+            prompt_token_ids=prompt_ids,
+            sampling=request.sampling,
+            stopping=request.stopping,
+            output=request.output,
+            priority=request.priority,
+            structured_output=request.structured_output,  # the engine compiles it; each sample its own matcher
+        )
+        base.stopping.ClearField("stop")  # text-level: ours to check
+        base.stopping.include_stop_str_in_output = False
         outputs: asyncio.Queue = asyncio.Queue()
         tasks = [
-            asyncio.create_task(self._sample(request, request_id, i, n, prompt_ids, deadline, outputs))
+            asyncio.create_task(self._sample(request, base, request_id, i, n, prompt_ids, deadline, outputs))
             for i in range(n)
         ]
         unfinished = n
@@ -158,32 +199,27 @@ class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
             for task in tasks:
                 task.cancel()
 
-    async def _sample(self, request, request_id, index, n, prompt_ids, deadline, outputs: asyncio.Queue) -> None:
+    async def _sample(self, request, base, request_id, index, n, prompt_ids, deadline, outputs: asyncio.Queue) -> None:
         try:
-            await self._run_sample(request, request_id, index, n, prompt_ids, deadline, outputs)
+            await self._run_sample(request, base, request_id, index, n, prompt_ids, deadline, outputs)
         except asyncio.CancelledError:
             raise
         except Exception as error:
             outputs.put_nowait(error)
 
-    async def _run_sample(self, request, request_id, index, n, prompt_ids, deadline, outputs) -> None:
-        engine_request = engine_pb2.GenerateRequest(
-            request_id=request_id if n == 1 else f"{request_id}/{index}",
-            prompt_token_ids=prompt_ids,
-            sampling=request.sampling,
-            stopping=request.stopping,
-            output=request.output,
-            priority=request.priority,
-            structured_output=request.structured_output,  # the engine compiles it; each sample its own matcher
-        )
-        engine_request.stopping.ClearField("stop")  # text-level: ours to check
-        engine_request.stopping.include_stop_str_in_output = False
+    async def _run_sample(self, request, base, request_id, index, n, prompt_ids, deadline, outputs) -> None:
+        engine_request = engine_pb2.GenerateRequest()
+        engine_request.CopyFrom(base)  # the request less its text-level parts, built once for all n samples
+        engine_request.request_id = request_id if n == 1 else f"{request_id}/{index}"
         if n > 1 and request.sampling.HasField("seed"):
-            engine_request.sampling.seed = request.sampling.seed + index  # distinct, reproducible samples
+            # Distinct, reproducible samples, as the engine makes them (wrapped into int64: no overflow).
+            engine_request.sampling.seed = sample_seed(request.sampling.seed, index)
         if index > 0:
             engine_request.output.ClearField("prompt_logprobs")  # sent once, with index 0: the same for every sample
         tried, refusals = [], []
         for engine in self.router.candidates():
+            if engine.leaving:
+                continue  # it left DNS while an earlier one was tried: its channel may be closed
             tried.append(engine.address)
             try:
                 return await self._stream(engine, engine_request, request, request_id, index, prompt_ids, deadline,
@@ -264,15 +300,16 @@ class _NotStarted(Exception):
 
 
 async def serve_tokenizer(model_dir: str, engines: list[str], port: int, *, host: str = "[::]",
-                          metrics_port: int | None = None, grace_seconds: float = 30.0) -> None:
+                          metrics_port: int | None = None, grace_seconds: float = 30.0, limits: Limits = Limits(),
+                          max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
     from tessera.metrics import serve_metrics
 
-    server = Server(port, host, grace_seconds)
+    server = Server(port, host, grace_seconds, max_request_bytes)
     tokenizer = Tokenizer(model_dir)
     router = EngineRouter(engines)
     services = tokenizer_pb2.DESCRIPTOR.services_by_name
-    server.add_servicer(TokenizerService(tokenizer), services["Tokenizer"])
-    server.add_servicer(TextGenerationService(tokenizer, router), services["TextGeneration"])
+    server.add_servicer(TokenizerService(tokenizer, limits), services["Tokenizer"])
+    server.add_servicer(TextGenerationService(tokenizer, router, limits), services["TextGeneration"])
     bound = await server.start()
     if metrics_port:
         serve_metrics(metrics_port)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from tessera.limits import MAX_WORKER_REQUEST_BYTES
 from tessera.metrics import serve_metrics
 from tessera.serving import RpcError, Server, rpc_method
 from tessera.step import plan_from_proto, result_to_proto
@@ -80,9 +81,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
 
 async def start_worker_server(config: WorkerConfig, port: int = 0, host: str = "[::]",
-                              grace_seconds: float = GRACE_SECONDS) -> tuple[Server, int]:
+                              grace_seconds: float = GRACE_SECONDS,
+                              max_request_bytes: int = MAX_WORKER_REQUEST_BYTES) -> tuple[Server, int]:
     """Binds (health NOT_SERVING), loads the model off the event loop, turns SERVING; returns the bound port."""
-    server = Server(port, host, grace_seconds)
+    server = Server(port, host, grace_seconds, max_request_bytes)
     service = WorkerService()
     server.add_servicer(service, worker_pb2.DESCRIPTOR.services_by_name["Worker"])
     port = await server.start()
@@ -99,9 +101,10 @@ async def start_worker_server(config: WorkerConfig, port: int = 0, host: str = "
 
 
 async def serve_worker(config: WorkerConfig, port: int, host: str = "[::]", metrics_port: int | None = None,
-                       grace_seconds: float = GRACE_SECONDS) -> None:
+                       grace_seconds: float = GRACE_SECONDS,
+                       max_request_bytes: int = MAX_WORKER_REQUEST_BYTES) -> None:
     """`tessera worker`: serves until SIGTERM or SIGINT."""
     if metrics_port is not None:
         serve_metrics(metrics_port)
-    server, _ = await start_worker_server(config, port, host, grace_seconds)
+    server, _ = await start_worker_server(config, port, host, grace_seconds, max_request_bytes)
     await server.serve_until_signalled()
