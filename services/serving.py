@@ -63,7 +63,7 @@ def rpc_method(method):
         """Counts the call by its status, and aborts with the right status on an exception."""
         try:
             yield
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: a stream closed by the client mid-way
             REQUESTS.labels(name, "CANCELLED").inc()
             raise
         except grpc.aio.AbortError:

@@ -1,6 +1,7 @@
 """tessera.engine.v1.Engine as a real server process on loopback."""
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -185,6 +186,37 @@ def test_metrics_count_requests_and_show_kv_use(stub, engine_server):
     assert 'tessera_requests_total{code="OK",method="Generate"}' in text
     assert "tessera_time_to_first_token_seconds_count" in text
     assert "tessera_kv_blocks_total 2048.0" in text
+
+
+def test_metrics_count_every_call_finished_or_cancelled(stub, engine_server):
+    """A stream the client drops counts too (as CANCELLED), mid-way or just after its last message, as the
+    tokenizer drops its engine calls."""
+    def counts():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{engine_server.metrics_port}/metrics").read().decode()
+        return {code: float(value) for code, value in
+                re.findall(r'^tessera_requests_total\{code="(\w+)",method="Generate"\} (\S+)$', text, re.MULTILINE)}
+
+    before = counts()
+    for _ in range(3):
+        list(stub.Generate(greedy(max_tokens=2)))
+    for _ in range(3):
+        call = stub.Generate(greedy(max_tokens=200))
+        next(call)
+        call.cancel()
+    for _ in range(10):  # as the tokenizer does: cancel at once after the message that finishes the request
+        call = stub.Generate(greedy(max_tokens=1))
+        assert next(call).finish_reason
+        call.cancel()
+    wait_idle(stub)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = counts()
+        if sum(after.values()) - sum(before.values()) >= 16:
+            break
+        time.sleep(0.1)
+    assert after.get("OK", 0) - before.get("OK", 0) >= 3  # the 10 cancelled at their end count either way
+    assert after.get("CANCELLED", 0) - before.get("CANCELLED", 0) >= 3
+    assert sum(after.values()) - sum(before.values()) == 16
 
 
 def test_full_queue_is_resource_exhausted(model_dir):
