@@ -46,8 +46,72 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "int8 GEMM), about a quarter of float32's weight bytes")
 
 
+def pem_file(text: str) -> str:
+    """A PEM file that exists and can be read (its content is checked when it is loaded)."""
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"no readable file at {text!r}")
+    return text
+
+
+def add_server_tls_args(parser: argparse.ArgumentParser) -> None:
+    tls = parser.add_argument_group(
+        "TLS", "Plaintext unless --tls-cert and --tls-key are given. The files are re-read when they change (or "
+        "on SIGHUP): a rotated certificate is used for new connections, open streams carry on.")
+    tls.add_argument("--tls-cert", type=pem_file, metavar="FILE", help="serve TLS with this certificate chain (PEM)")
+    tls.add_argument("--tls-key", type=pem_file, metavar="FILE", help="the private key of --tls-cert (PEM)")
+    tls.add_argument("--tls-client-ca", type=pem_file, metavar="FILE",
+                     help="mTLS: require client certificates signed by this CA (PEM); needs --tls-cert")
+
+
+def add_client_tls_args(parser: argparse.ArgumentParser, prefix: str, peer: str) -> None:
+    """--PREFIX-ca (TLS), with --PREFIX-cert and --PREFIX-key (mTLS), for the connection to `peer`."""
+    tls = parser.add_argument_group(f"TLS to the {peer}", f"Plaintext unless --{prefix}-ca is given.")
+    tls.add_argument(f"--{prefix}-ca", type=pem_file, metavar="FILE",
+                     help=f"connect to the {peer} over TLS, verifying its certificate with this CA (PEM)")
+    tls.add_argument(f"--{prefix}-cert", type=pem_file, metavar="FILE",
+                     help=f"mTLS: present this client certificate chain (PEM) to the {peer}; needs --{prefix}-ca")
+    tls.add_argument(f"--{prefix}-key", type=pem_file, metavar="FILE", help=f"the private key of --{prefix}-cert")
+
+
+def server_tls_from(args):
+    from tessera.serving import ServerTls
+
+    return ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+
+
+def client_tls_from(args, prefix: str):
+    from tessera.serving import ClientTls
+
+    dest = prefix.replace("-", "_")
+    ca = getattr(args, f"{dest}_ca")
+    return ClientTls(ca, getattr(args, f"{dest}_cert"), getattr(args, f"{dest}_key")) if ca else None
+
+
+# (prefix of the client TLS flags, the subcommands that have them)
+CLIENT_TLS = {"engine": "worker-tls", "tokenizer": "engine-tls", "health": "tls", "generate": "tls"}
+
+
+def check_tls_args(parser: argparse.ArgumentParser, args) -> None:
+    """Flag combinations that cannot work are a usage error, not a surprise at the first connection."""
+    if hasattr(args, "tls_client_ca"):  # a server
+        if bool(args.tls_cert) != bool(args.tls_key):
+            parser.error("--tls-cert and --tls-key go together (the certificate and its private key)")
+        if args.tls_client_ca and not args.tls_cert:
+            parser.error("--tls-client-ca (mTLS) needs --tls-cert and --tls-key: client certificates are only "
+                         "checked on a TLS port")
+    prefix = CLIENT_TLS.get(args.command)
+    if prefix is not None:
+        dest = prefix.replace("-", "_")
+        ca, cert, key = (getattr(args, f"{dest}_{part}") for part in ("ca", "cert", "key"))
+        if bool(cert) != bool(key):
+            parser.error(f"--{prefix}-cert and --{prefix}-key go together (the client certificate and its key)")
+        if cert and not ca:
+            parser.error(f"--{prefix}-cert (mTLS) needs --{prefix}-ca, the CA that signed the server's certificate")
+
+
 def add_server_args(parser: argparse.ArgumentParser, port: int, max_request_bytes: str = "4MiB") -> None:
-    parser.add_argument("--host", default="[::]")
+    parser.add_argument("--host", default="[::]", help="address to bind (default [::], every interface; "
+                        "without TLS, a non-loopback address logs a warning)")
     parser.add_argument("--port", type=int, default=port)
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--grace", type=float, default=30.0,
@@ -56,6 +120,7 @@ def add_server_args(parser: argparse.ArgumentParser, port: int, max_request_byte
     parser.add_argument("--max-request-bytes", type=parse_bytes, default=parse_bytes(max_request_bytes),
                         help=f"largest request message accepted; a bigger one is RESOURCE_EXHAUSTED from gRPC "
                              f"(default {max_request_bytes})")
+    add_server_tls_args(parser)
 
 
 def add_limit_args(parser: argparse.ArgumentParser, tokenizer: bool) -> None:
@@ -103,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drive a remote worker instead of an in-process one")
     engine.add_argument("--worker-step-timeout", type=float, default=120.0,
                         help="seconds a remote worker may take for one step before it counts as down")
+    add_client_tls_args(engine, "worker-tls", "remote worker")
     engine.add_argument("--max-num-seqs", type=int, default=128)
     engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
     engine.add_argument("--max-model-len", type=int, default=None)
@@ -125,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--engine", action="append", default=[], metavar="HOST:PORT",
                            help="an engine to forward to (repeatable; the least loaded one is chosen)")
     add_server_args(tokenizer, DEFAULT_PORT)
+    add_client_tls_args(tokenizer, "engine-tls", "engines")
     add_limit_args(tokenizer, tokenizer=True)
 
     up = roles.add_parser("up", help="every role on this machine, as child processes")
@@ -133,10 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="the tokenizer's public port; the engine's is "
                     "the next one")
     up.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "tpu"], help="the engine's --device")
+    up.add_argument("--host", default="127.0.0.1", help="the tokenizer's address to bind (default: %(default)s, this "
+                    "machine only; the engine always binds 127.0.0.1)")
 
     health = roles.add_parser("health", help="exit 0 if a tessera server reports SERVING (for container probes)")
     health.add_argument("--address", default=f"localhost:{DEFAULT_PORT}", help="HOST:PORT (default: %(default)s)")
     health.add_argument("--service", default="", help="a service name; empty means the server as a whole")
+    add_client_tls_args(health, "tls", "server")
 
     generate = roles.add_parser("generate", help="stream a completion from a running tessera")
     generate.add_argument("text", help="the prompt")
@@ -150,11 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                           help="how long to wait for the server to be ready, e.g. while `tessera up` starts "
                                "(default 60; 0: do not wait)")
+    add_client_tls_args(generate, "tls", "tokenizer")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_tls_args(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return COMMANDS[args.command](args) or 0
 
@@ -176,7 +249,8 @@ def run_engine(args) -> None:
     asyncio.run(serve_engine(config, args.port, worker_address=(args.worker or [None])[0], host=args.host,
                              metrics_port=args.metrics_port, max_queue=args.max_queue, grace_seconds=args.grace,
                              worker_step_timeout=args.worker_step_timeout, limits=limits_from(args),
-                             max_request_bytes=args.max_request_bytes))
+                             max_request_bytes=args.max_request_bytes, tls=server_tls_from(args),
+                             worker_tls=client_tls_from(args, "worker-tls")))
 
 
 def run_worker(args) -> None:
@@ -190,7 +264,7 @@ def run_worker(args) -> None:
     config = WorkerConfig(args.model, args.dtype, args.device, args.block_size, args.kv_cache_memory,
                           cpu_matmul=args.cpu_matmul, quantization=args.quantization)
     asyncio.run(serve_worker(config, args.port, host=args.host, metrics_port=args.metrics_port,
-                             max_request_bytes=args.max_request_bytes))
+                             max_request_bytes=args.max_request_bytes, tls=server_tls_from(args)))
 
 
 def run_tokenizer(args) -> None:
@@ -199,7 +273,8 @@ def run_tokenizer(args) -> None:
     engines = args.engine or [f"localhost:{DEFAULT_PORT + 1}"]
     asyncio.run(serve_tokenizer(args.model, engines, args.port, host=args.host, metrics_port=args.metrics_port,
                                 grace_seconds=args.grace, limits=limits_from(args),
-                                max_request_bytes=args.max_request_bytes))
+                                max_request_bytes=args.max_request_bytes, tls=server_tls_from(args),
+                                engine_tls=client_tls_from(args, "engine-tls")))
 
 
 def run_up(args) -> int:
@@ -207,10 +282,10 @@ def run_up(args) -> int:
     engine_port = args.port + 1
     base = [sys.executable, "-m", "tessera.cli", "--log-level", args.log_level]
     children = [
-        subprocess.Popen([*base, "engine", "--model", args.model, "--port", str(engine_port),
+        subprocess.Popen([*base, "engine", "--model", args.model, "--host", "127.0.0.1", "--port", str(engine_port),
                           *(["--device", args.device] if args.device else [])]),
-        subprocess.Popen([*base, "tokenizer", "--model", args.model, "--engine", f"localhost:{engine_port}",
-                          "--port", str(args.port)]),
+        subprocess.Popen([*base, "tokenizer", "--model", args.model, "--engine", f"127.0.0.1:{engine_port}",
+                          "--host", args.host, "--port", str(args.port)]),
     ]
     print(f"tessera up: tokenizer on localhost:{args.port}, engine on localhost:{engine_port} (Ctrl-C stops)",
           flush=True)
@@ -230,7 +305,7 @@ def run_health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with client_channel(args, args.address) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=5)
@@ -240,6 +315,16 @@ def run_health(args) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(f"{args.address} {args.service or '(server)'}: {status}")
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def client_channel(args, address: str, options=None):
+    """A sync channel for `tessera health`/`generate`: TLS with --tls-ca (mTLS with --tls-cert/--tls-key)."""
+    import grpc
+
+    tls = client_tls_from(args, "tls")
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, tls.credentials(), options=options)
 
 
 # A client waiting for a server that is starting retries its connection at least once a second.
@@ -296,7 +381,7 @@ def run_generate(args) -> int:
         request.messages.add(role="user", content=args.text)
     else:
         request.text = args.text
-    with grpc.insecure_channel(args.address, options=WAIT_CHANNEL_OPTIONS) as channel:
+    with client_channel(args, args.address, WAIT_CHANNEL_OPTIONS) as channel:
         try:
             service = tokenizer_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
             why = wait_until_serving(channel, args.address, service, args.wait) if args.wait > 0 else None

@@ -1,6 +1,12 @@
 """What every tessera server has: health (overall and per service, Watch included), server reflection, a
 Prometheus metrics port, errors that are never UNKNOWN, a bound on request size, and a graceful drain on SIGTERM
 (health NOT_SERVING and new calls UNAVAILABLE while the port stays open for in-flight calls and health checks).
+
+TLS: a server given a certificate and key (ServerTls) serves TLS, and with a client CA it requires and verifies
+client certificates (mTLS). The files are read again whenever one of them changes (or on SIGHUP), so a rotated
+certificate is used for the next new connection while the connections and streams already open carry on.
+Clients of other tessera servers take a ClientTls: a CA to verify the server by, and a certificate of their own
+for mTLS.
 """
 from __future__ import annotations
 
@@ -8,8 +14,13 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import ipaddress
 import logging
+import os
 import signal
+import ssl
+import threading
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -162,11 +173,106 @@ class DrainGate(grpc.aio.ServerInterceptor):
         return call
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A server's certificate chain and key (PEM files); with client_ca, clients must present a certificate
+    that this CA signed (mTLS)."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.cert, self.key) + ((self.client_ca,) if self.client_ca else ())
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """How a client verifies a server (the CA that signed its certificate) and, with cert and key, proves
+    itself to one that requires client certificates (mTLS)."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Reads the files now: a channel opened later reads them again."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca),
+            private_key=_read(self.key) if self.key else None,
+            certificate_chain=_read(self.cert) if self.cert else None,
+        )
+
+
+class CertificateReloader:
+    """The certificate-configuration fetcher of grpc.dynamic_ssl_server_credentials: gRPC calls it at the start
+    of every new handshake (on its own threads); it re-reads the files when one has changed (mtime or size) or
+    after force(), and otherwise returns None (keep the current one). A half-written pair (the key does not
+    match the certificate, or a file cannot be parsed) keeps the old configuration until the files settle."""
+
+    def __init__(self, tls: ServerTls):
+        self.tls = tls
+        self._lock = threading.Lock()
+        self._forced = False
+        try:  # a bad file at startup is an error, not a warning
+            self._stamp = self._stamp_now()
+            self.initial = self._load()
+        except (OSError, ssl.SSLError, ValueError) as error:
+            raise ValueError(f"cannot load the TLS files {', '.join(tls.files)}: {error}") from error
+
+    def _stamp_now(self) -> tuple:
+        return tuple((os.stat(path).st_mtime_ns, os.stat(path).st_size) for path in self.tls.files)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        ssl.create_default_context().load_cert_chain(self.tls.cert, self.tls.key)  # the key matches the cert
+        client_ca = _read(self.tls.client_ca) if self.tls.client_ca else None
+        if self.tls.client_ca:
+            ssl.create_default_context(cadata=client_ca.decode("ascii"))  # it parses
+        return grpc.ssl_server_certificate_configuration([(_read(self.tls.key), _read(self.tls.cert))], client_ca)
+
+    def force(self) -> None:
+        """Re-read the files at the next handshake even if they look unchanged (SIGHUP)."""
+        self._forced = True
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            try:
+                stamp = self._stamp_now()
+                if stamp == self._stamp and not self._forced:
+                    return None
+                config = self._load()
+            except (OSError, ssl.SSLError, ValueError) as error:
+                log.warning("TLS files changed but cannot be loaded (keeping the current certificate): %s", error)
+                return None
+            self._stamp, self._forced = stamp, False
+            log.info("TLS certificate reloaded from %s", self.tls.cert)
+            return config
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self.initial, self, bool(self.tls.client_ca))
+
+
+def is_loopback(host: str) -> bool:
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class Server:
     """A grpc.aio server with health, reflection and a drain; roles add their servicers before start()."""
 
     def __init__(self, port: int, host: str = "[::]", grace_seconds: float = 30.0,
-                 max_request_bytes: int = MAX_REQUEST_BYTES):
+                 max_request_bytes: int = MAX_REQUEST_BYTES, tls: ServerTls | None = None):
         # A bigger request is RESOURCE_EXHAUSTED ("Received message larger than max"), from gRPC itself.
         self.gate = DrainGate()
         self.grpc = grpc.aio.server(interceptors=[self.gate], options=[
@@ -174,6 +280,8 @@ class Server:
             ("grpc.max_receive_message_length", max_request_bytes),
         ])
         self.address = f"{host}:{port}"
+        self.host = host
+        self.reloader = CertificateReloader(tls) if tls is not None else None
         self.grace_seconds = grace_seconds
         self.health = health.aio.HealthServicer()
         add_servicer(self.grpc, self.health, health_pb2.DESCRIPTOR.services_by_name["Health"])
@@ -190,7 +298,16 @@ class Server:
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc
         )
-        self.port = self.grpc.add_insecure_port(self.address)
+        if self.reloader is not None:
+            self.port = self.grpc.add_secure_port(self.address, self.reloader.credentials())
+            log.info("serving TLS with %s%s", self.reloader.tls.cert,
+                     " (mTLS: client certificates required)" if self.reloader.tls.client_ca else "")
+        else:
+            self.port = self.grpc.add_insecure_port(self.address)
+            if not is_loopback(self.host):
+                log.warning("serving PLAINTEXT on %s, which is not a loopback address: anyone who can reach the port "
+                            "can read and send traffic. Serve TLS with --tls-cert/--tls-key (and --tls-client-ca "
+                            "for mTLS), or bind --host 127.0.0.1 behind a proxy that does TLS.", self.address)
         await self.set_serving(False)
         await self.grpc.start()
         return self.port
@@ -230,6 +347,8 @@ class Server:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        if self.reloader is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.reloader.force)  # re-read the TLS files
         await stop.wait()
         log.info("draining (up to %.0f s for in-flight calls; a second signal stops at once)", self.grace_seconds)
         await self.drain(again)

@@ -18,11 +18,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None, options=None) -> grpc.Channel:
+    """Plaintext, or TLS with `credentials`."""
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
 def wait_serving(address: str, timeout: float = 60.0, process: subprocess.Popen | None = None,
-                 service: str = "") -> None:
-    """Until `address` reports `service` (default: the server as a whole) SERVING."""
+                 service: str = "", credentials: grpc.ChannelCredentials | None = None, options=None) -> None:
+    """Until `address` reports `service` (default: the server as a whole) SERVING; over TLS with `credentials`."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, credentials, options) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
@@ -38,9 +45,12 @@ def wait_serving(address: str, timeout: float = 60.0, process: subprocess.Popen 
 
 
 class ServerProcess:
-    """`tessera <role> ... --port P` as a child process, SERVING on entry, SIGTERMed on exit."""
+    """`tessera <role> ... --port P` as a child process, SERVING on entry, SIGTERMed on exit. A TLS server
+    needs `credentials` (and `options`, e.g. grpc.ssl_target_name_override) for the health checks."""
 
-    def __init__(self, role: str, *args: str, port: int | None = None, env: dict[str, str] | None = None):
+    def __init__(self, role: str, *args: str, port: int | None = None, env: dict[str, str] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, options=None):
+        self.credentials, self.options = credentials, options
         self.port = port or free_port()
         self.env = env or {}
         self.address = f"127.0.0.1:{self.port}"
@@ -54,7 +64,7 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         self.process = subprocess.Popen(self.command, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
-        wait_serving(self.address, process=self.process)
+        wait_serving(self.address, process=self.process, credentials=self.credentials, options=self.options)
         return self
 
     def stop(self, timeout: float = 30.0) -> int:

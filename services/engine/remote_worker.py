@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tessera.model_config import parse_dtype
 from tessera.step import StepPlan, StepResult
 from tessera.step import SERVICE_NAME, plan_to_proto, result_from_proto
-from tessera.serving import CHANNEL_OPTIONS, RpcError
+from tessera.serving import CHANNEL_OPTIONS, ClientTls, RpcError
 from tessera.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("tessera.engine")
@@ -64,9 +64,12 @@ class RemoteModelConfig:
 
 
 class RemoteWorker:
-    def __init__(self, address: str, connect_timeout: float = 300.0, step_timeout: float = 120.0):
-        """Waits (up to connect_timeout: a worker may be loading a large model) until the worker is SERVING."""
+    def __init__(self, address: str, connect_timeout: float = 300.0, step_timeout: float = 120.0,
+                 tls: ClientTls | None = None):
+        """Waits (up to connect_timeout: a worker may be loading a large model) until the worker is SERVING.
+        With `tls`, the channel is TLS (mTLS when it has a certificate and key), its files read at each dial."""
         self.address = address
+        self.tls = tls
         self.step_timeout = step_timeout
         self._channel = self._stub = None
         self._stream = None  # (request queue, the call, its responses) of the open Execute stream
@@ -119,7 +122,10 @@ class RemoteWorker:
     # -- connection -------------------------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        self._channel = grpc.insecure_channel(self.address, options=CHANNEL)
+        if self.tls is not None:
+            self._channel = grpc.secure_channel(self.address, self.tls.credentials(), options=CHANNEL)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=CHANNEL)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
 
     def _wait_until_serving(self, timeout: float) -> None:

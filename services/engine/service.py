@@ -167,12 +167,13 @@ def coalesce(first: list, outputs: asyncio.Queue) -> list[tuple[int, RequestOutp
     return list(merged.items())
 
 
-def build_engine(config, worker_address: str | None = None, worker_step_timeout: float = 120.0) -> LLMEngine:
+def build_engine(config, worker_address: str | None = None, worker_step_timeout: float = 120.0,
+                 worker_tls=None) -> LLMEngine:
     if worker_address is None:
         return LLMEngine(config)
     from tessera.engine.remote_worker import RemoteWorker
 
-    return LLMEngine(config, worker=RemoteWorker(worker_address, step_timeout=worker_step_timeout))
+    return LLMEngine(config, worker=RemoteWorker(worker_address, step_timeout=worker_step_timeout, tls=worker_tls))
 
 
 def warm_up(engine: LLMEngine) -> None:
@@ -188,13 +189,15 @@ def warm_up(engine: LLMEngine) -> None:
 async def serve_engine(config, port: int, *, worker_address: str | None = None, host: str = "[::]",
                        metrics_port: int | None = None, max_queue: int = 256, model_name: str | None = None,
                        grace_seconds: float = 30.0, worker_step_timeout: float = 120.0,
-                       limits: Limits = Limits(), max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+                       limits: Limits = Limits(), max_request_bytes: int = MAX_REQUEST_BYTES,
+                       tls=None, worker_tls=None) -> None:
+    """tls: a serving.ServerTls to serve TLS with; worker_tls: a serving.ClientTls for the remote worker."""
     from pathlib import Path
 
     from tessera.metrics import serve_metrics
     from tessera.serving import Server
 
-    server = Server(port, host, grace_seconds, max_request_bytes)
+    server = Server(port, host, grace_seconds, max_request_bytes, tls=tls)
     service = EngineService(max_queue, model_name or "", limits)
     server.add_servicer(service, engine_pb2.DESCRIPTOR.services_by_name["Engine"])
     bound = await server.start()
@@ -202,7 +205,7 @@ async def serve_engine(config, port: int, *, worker_address: str | None = None, 
     started = time.perf_counter()
 
     def build() -> LLMEngine:  # on the engine loop's thread, which runs all of the engine's compute
-        engine = build_engine(config, worker_address, worker_step_timeout)
+        engine = build_engine(config, worker_address, worker_step_timeout, worker_tls)
         log.info("model loaded in %.1f s; warming up", time.perf_counter() - started)
         warm_up(engine)
         return engine

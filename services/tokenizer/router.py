@@ -7,7 +7,9 @@ An engine whose call fails with UNAVAILABLE is marked down until a poll finds it
 An `--engine dns:///host:port` (or `dns:host:port`) is resolved here, not by gRPC, into one engine per address,
 so requests balance across the pods behind a headless Service (gRPC's pick_first would stick to one). It is
 re-resolved every few seconds, and at once while all its engines are down. An address that leaves the answer
-(a draining pod) takes no new requests; its channel closes once the calls it carries have ended.
+(a draining pod) takes no new requests; its channel closes once the calls it carries have ended. With TLS, such a
+channel dials the IP address but checks the engine's certificate against the DNS name (the certificates name the
+Service, not pod IPs).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
-from tessera.serving import CHANNEL_OPTIONS
+from tessera.serving import CHANNEL_OPTIONS, ClientTls
 
 log = logging.getLogger("tessera.tokenizer")
 
@@ -69,7 +71,8 @@ def address_of(ip: str, port: int) -> str:
 
 class EngineRouter:
     def __init__(self, addresses: list[str], poll_seconds: float = 0.5, resolve_seconds: float = 5.0,
-                 resolve: Resolver = resolve_host):
+                 resolve: Resolver = resolve_host, tls: ClientTls | None = None):
+        self.tls = tls
         self.engines: list[EngineHandle] = []  # replaced, never changed in place: iterating it needs no copy
         self.targets: list[DnsTarget] = []
         for address in addresses:
@@ -83,7 +86,12 @@ class EngineRouter:
         self._tasks: list[asyncio.Task] = []
 
     def _open(self, address: str, target: DnsTarget | None = None) -> EngineHandle:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if self.tls is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            # A resolved address is an IP: the certificate is checked against the name it was resolved from.
+            name = [("grpc.ssl_target_name_override", target.host)] if target is not None else []
+            channel = grpc.aio.secure_channel(address, self.tls.credentials(), options=[*CHANNEL_OPTIONS, *name])
         return EngineHandle(address, channel, engine_pb2_grpc.EngineStub(channel), target=target)
 
     async def start(self) -> None:

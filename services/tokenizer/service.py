@@ -301,12 +301,13 @@ class _NotStarted(Exception):
 
 async def serve_tokenizer(model_dir: str, engines: list[str], port: int, *, host: str = "[::]",
                           metrics_port: int | None = None, grace_seconds: float = 30.0, limits: Limits = Limits(),
-                          max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+                          max_request_bytes: int = MAX_REQUEST_BYTES, tls=None, engine_tls=None) -> None:
+    """tls: a serving.ServerTls to serve TLS with; engine_tls: a serving.ClientTls for the engines."""
     from tessera.metrics import serve_metrics
 
-    server = Server(port, host, grace_seconds, max_request_bytes)
+    server = Server(port, host, grace_seconds, max_request_bytes, tls=tls)
     tokenizer = Tokenizer(model_dir)
-    router = EngineRouter(engines)
+    router = EngineRouter(engines, tls=engine_tls)
     services = tokenizer_pb2.DESCRIPTOR.services_by_name
     server.add_servicer(TokenizerService(tokenizer, limits), services["Tokenizer"])
     server.add_servicer(TextGenerationService(tokenizer, router, limits), services["TextGeneration"])

@@ -82,9 +82,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
 async def start_worker_server(config: WorkerConfig, port: int = 0, host: str = "[::]",
                               grace_seconds: float = GRACE_SECONDS,
-                              max_request_bytes: int = MAX_WORKER_REQUEST_BYTES) -> tuple[Server, int]:
+                              max_request_bytes: int = MAX_WORKER_REQUEST_BYTES,
+                              tls=None) -> tuple[Server, int]:
     """Binds (health NOT_SERVING), loads the model off the event loop, turns SERVING; returns the bound port."""
-    server = Server(port, host, grace_seconds, max_request_bytes)
+    server = Server(port, host, grace_seconds, max_request_bytes, tls=tls)
     service = WorkerService()
     server.add_servicer(service, worker_pb2.DESCRIPTOR.services_by_name["Worker"])
     port = await server.start()
@@ -102,9 +103,9 @@ async def start_worker_server(config: WorkerConfig, port: int = 0, host: str = "
 
 async def serve_worker(config: WorkerConfig, port: int, host: str = "[::]", metrics_port: int | None = None,
                        grace_seconds: float = GRACE_SECONDS,
-                       max_request_bytes: int = MAX_WORKER_REQUEST_BYTES) -> None:
-    """`tessera worker`: serves until SIGTERM or SIGINT."""
+                       max_request_bytes: int = MAX_WORKER_REQUEST_BYTES, tls=None) -> None:
+    """`tessera worker`: serves until SIGTERM or SIGINT; tls: a serving.ServerTls to serve TLS with."""
     if metrics_port is not None:
         serve_metrics(metrics_port)
-    server, _ = await start_worker_server(config, port, host, grace_seconds, max_request_bytes)
+    server, _ = await start_worker_server(config, port, host, grace_seconds, max_request_bytes, tls)
     await server.serve_until_signalled()

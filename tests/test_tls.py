@@ -1,0 +1,309 @@
+"""TLS and mTLS on every hop: client -> tokenizer -> engine -> remote worker, real processes, certificates made
+here (a CA, server and client certificates, and a CA nobody trusts); refusals at every hop; certificate rotation."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tessera import cli
+from tessera.engine.v1 import engine_pb2
+from tessera.serving import CertificateReloader, Server, ServerTls, is_loopback
+from tessera.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from servers import ServerProcess
+
+x509 = pytest.importorskip("cryptography.x509")
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "tessera-demo"
+
+
+# -- certificates -----------------------------------------------------------------------------------------------
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _pem_key(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class Ca:
+    def __init__(self, name: str):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(minutes=5))
+                     .not_valid_after(now + datetime.timedelta(days=1))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                                  content_commitment=False, key_encipherment=False,
+                                                  data_encipherment=False, key_agreement=False,
+                                                  encipher_only=False, decipher_only=False), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, name: str, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), client: bool = False,
+              serial: int | None = None) -> tuple[bytes, bytes, int]:
+        """(certificate PEM, key PEM, serial) of a leaf certificate signed by this CA."""
+        import ipaddress
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        serial = serial or x509.random_serial_number()
+        builder = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(self.cert.subject)
+                   .public_key(key.public_key()).serial_number(serial)
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage(
+                       [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False))
+        sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key), serial
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """As a secret mount updates: the new file replaces the old one in one rename."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class Pki:
+    def __init__(self, root: Path):
+        self.root = root
+        self.ca = Ca("tessera test CA")
+        self.untrusted = Ca("nobody's CA")
+        self.write("ca.pem", self.ca.pem())
+        self.write("untrusted-ca.pem", self.untrusted.pem())
+        # The front door and the worker: localhost and 127.0.0.1. The engine's names only localhost, as a pod's
+        # certificate names its Service rather than its IP: the tokenizer reaches it through dns:///localhost.
+        self.server_serial = self.pair("server", self.ca.issue("server", ("localhost",), ("127.0.0.1",)))
+        self.pair("engine", self.ca.issue("engine", ("localhost",)))
+        self.pair("client", self.ca.issue("client", client=True))
+        self.pair("intruder", self.untrusted.issue("client", client=True))
+
+    def write(self, name: str, data: bytes) -> Path:
+        path = self.root / name
+        write_atomically(path, data)
+        return path
+
+    def pair(self, name: str, issued: tuple[bytes, bytes, int]) -> int:
+        cert, key, serial = issued
+        self.write(f"{name}-key.pem", key)  # the key first: until the cert follows the pair does not match
+        self.write(f"{name}.pem", cert)
+        return serial
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+    def server_flags(self, name: str = "server") -> list[str]:
+        return ["--tls-cert", self.path(f"{name}.pem"), "--tls-key", self.path(f"{name}-key.pem"),
+                "--tls-client-ca", self.path("ca.pem")]
+
+    def client_flags(self, prefix: str, who: str = "client") -> list[str]:
+        return [f"--{prefix}-ca", self.path("ca.pem"), f"--{prefix}-cert", self.path(f"{who}.pem"),
+                f"--{prefix}-key", self.path(f"{who}-key.pem")]
+
+    def credentials(self, who: str | None = "client", ca: str = "ca.pem") -> grpc.ChannelCredentials:
+        root = (self.root / ca).read_bytes()
+        if who is None:
+            return grpc.ssl_channel_credentials(root)
+        return grpc.ssl_channel_credentials(root, (self.root / f"{who}-key.pem").read_bytes(),
+                                            (self.root / f"{who}.pem").read_bytes())
+
+
+LOCALHOST = [("grpc.ssl_target_name_override", "localhost")]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def chain(pki):
+    """worker <-mTLS- engine <-mTLS- tokenizer, each serving mTLS."""
+    creds = pki.credentials()
+    worker = ServerProcess("worker", "--model", str(DEMO), "--kv-cache-memory", "64MiB", *pki.server_flags("server"),
+                           credentials=creds)
+    with worker:
+        engine = ServerProcess("engine", "--model", str(DEMO), "--worker", worker.address,
+                               *pki.client_flags("worker-tls"), *pki.server_flags("engine"),
+                               credentials=creds, options=LOCALHOST)
+        with engine:
+            tokenizer = ServerProcess("tokenizer", "--model", str(DEMO), "--engine", f"dns:///localhost:{engine.port}",
+                                      *pki.client_flags("engine-tls"), *pki.server_flags("server"),
+                                      credentials=creds)
+            with tokenizer:
+                yield {"worker": worker, "engine": engine, "tokenizer": tokenizer}
+
+
+def check(address: str, credentials: grpc.ChannelCredentials | None, options=None) -> int:
+    channel = (grpc.insecure_channel(address, options=options) if credentials is None
+               else grpc.secure_channel(address, credentials, options=options))
+    with channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def generate_request(max_tokens: int = 12) -> tokenizer_pb2.GenerateRequest:
+    return tokenizer_pb2.GenerateRequest(text="Once upon a time", sampling=engine_pb2.SamplingParams(temperature=0.0),
+                                         stopping=engine_pb2.StoppingParams(max_tokens=max_tokens, ignore_eos=True))
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tessera.cli", "--log-level", "WARNING", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# -- the chain ------------------------------------------------------------------------------------------------
+
+def test_generate_streams_through_mtls_on_every_hop(pki, chain):
+    with grpc.secure_channel(chain["tokenizer"].address, pki.credentials()) as channel:
+        responses = list(tokenizer_pb2_grpc.TextGenerationStub(channel).Generate(generate_request()))
+    assert len(responses) > 1
+    assert "".join(r.text for r in responses)
+
+
+@pytest.mark.parametrize("hop", ["worker", "engine", "tokenizer"])
+@pytest.mark.parametrize("client", ["plaintext", "untrusted certificate", "no certificate"])
+def test_every_hop_refuses_a_client_without_a_trusted_certificate(pki, chain, hop, client):
+    credentials = {"plaintext": None, "untrusted certificate": pki.credentials("intruder"),
+                   "no certificate": pki.credentials(None)}[client]
+    options = LOCALHOST if hop == "engine" else None
+    assert check(chain[hop].address, pki.credentials(), options) == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as refused:
+        check(chain[hop].address, credentials, options)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_client_that_does_not_trust_the_server_ca_refuses_it(pki, chain):
+    with pytest.raises(grpc.RpcError) as refused:
+        check(chain["tokenizer"].address, pki.credentials("client", ca="untrusted-ca.pem"))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_health_and_generate_commands_over_mtls(pki, chain):
+    address = chain["tokenizer"].address
+    healthy = run_cli("health", "--address", address, *pki.client_flags("tls"))
+    assert healthy.returncode == 0, healthy.stderr
+    assert "SERVING" in healthy.stdout
+    without_cert = run_cli("health", "--address", address, "--tls-ca", pki.path("ca.pem"))
+    assert without_cert.returncode == 1
+    plaintext = run_cli("health", "--address", address)
+    assert plaintext.returncode == 1
+    generated = run_cli("generate", "Once upon a time", "--address", address, "--max-tokens", "8", "--wait", "10",
+                        *pki.client_flags("tls"))
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.startswith("Once upon a time") and len(generated.stdout) > len("Once upon a time\n")
+
+
+def served_serial(port: int, pki: Pki) -> int:
+    """The serial of the certificate the server presents to a new connection."""
+    context = ssl.create_default_context(cafile=pki.path("ca.pem"))
+    context.load_cert_chain(pki.path("client.pem"), pki.path("client-key.pem"))
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        der = tls.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_rotated_certificate_is_used_by_new_connections_while_open_streams_finish(pki, chain):
+    tokenizer = chain["tokenizer"]
+    assert served_serial(tokenizer.port, pki) == pki.server_serial
+    old = grpc.secure_channel(tokenizer.address, pki.credentials())
+    try:
+        stream = tokenizer_pb2_grpc.TextGenerationStub(old).Generate(generate_request(max_tokens=96))
+        first = next(stream)  # the stream is open on a connection made with the old certificate
+
+        new_serial = pki.server_serial + 1
+        pki.pair("server", pki.ca.issue("server", ("localhost",), ("127.0.0.1",), serial=new_serial))
+        assert served_serial(tokenizer.port, pki) == new_serial
+        with grpc.secure_channel(tokenizer.address, pki.credentials()) as fresh:
+            fresh_responses = list(tokenizer_pb2_grpc.TextGenerationStub(fresh).Generate(generate_request()))
+        assert fresh_responses
+
+        rest = list(stream)
+        assert stream.code() == grpc.StatusCode.OK
+        assert "".join(r.text for r in [first, *rest])
+    finally:
+        old.close()
+
+
+# -- flags and warnings ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["worker", "--tls-cert", "{cert}"], "--tls-cert and --tls-key go together"),
+    (["tokenizer", "--tls-key", "{key}"], "--tls-cert and --tls-key go together"),
+    (["engine", "--tls-client-ca", "{ca}"], "--tls-client-ca (mTLS) needs --tls-cert"),
+    (["tokenizer", "--engine-tls-cert", "{cert}", "--engine-tls-key", "{key}"], "--engine-tls-cert (mTLS) needs"),
+    (["engine", "--worker-tls-ca", "{ca}", "--worker-tls-cert", "{cert}"], "--worker-tls-cert and --worker-tls-key"),
+    (["generate", "hi", "--tls-key", "{key}"], "--tls-cert and --tls-key go together"),
+    (["health", "--tls-ca", "/no/such/ca.pem"], "no readable file"),
+])
+def test_bad_tls_flag_combinations_are_usage_errors(pki, capsys, argv, message):
+    files = {"cert": pki.path("server.pem"), "key": pki.path("server-key.pem"), "ca": pki.path("ca.pem")}
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([arg.format(**files) for arg in argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_loopback_hosts():
+    assert all(map(is_loopback, ["127.0.0.1", "localhost", "[::1]", "::1", "127.1.2.3"]))
+    assert not any(map(is_loopback, ["[::]", "0.0.0.0", "10.0.0.1", "example.com"]))
+
+
+def test_plaintext_on_a_non_loopback_address_warns_naming_the_flag(caplog):
+    async def bind(host: str) -> None:
+        server = Server(0, host)
+        await server.start()
+        await server.grpc.stop(0)
+
+    with caplog.at_level(logging.WARNING, logger="tessera.server"):
+        asyncio.run(bind("127.0.0.1"))
+        assert not caplog.records
+        asyncio.run(bind("[::]"))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "--tls-cert/--tls-key" in warnings[0].getMessage()
+
+
+def test_the_reloader_waits_for_a_matching_pair_and_rereads_on_force(tmp_path):
+    pki = Pki(tmp_path)
+    reloader = CertificateReloader(ServerTls(pki.path("server.pem"), pki.path("server-key.pem"), pki.path("ca.pem")))
+    assert reloader() is None  # unchanged
+    cert, key, _ = pki.ca.issue("server", ("localhost",))
+    pki.write("server-key.pem", key)  # the new key, the old certificate: not a pair
+    assert reloader() is None
+    pki.write("server.pem", cert)
+    assert reloader() is not None
+    assert reloader() is None
+    reloader.force()
+    assert reloader() is not None
+
+
+def test_a_bad_certificate_at_startup_is_an_error_naming_the_files(tmp_path):
+    pki = Pki(tmp_path)
+    with pytest.raises(ValueError, match="cannot load the TLS files"):
+        CertificateReloader(ServerTls(pki.path("server.pem"), pki.path("client-key.pem")))
