@@ -17,7 +17,7 @@ The last line is the served / in-process throughput ratio (goal >= 0.9).
 --via-tokenizer sends text to tessera.tokenizer.v1.TextGeneration (tokenizer -> engine, two hops). The text is
 the workload's token ids, mapped into the demo tokenizer's vocabulary and decoded; the in-process engine gets
 that text tokenized the same way, so both sides compute identical prompts. The client runs in this process and
-shares the machine with the servers.
+shares the machine with the servers. What TLS costs on that path: bench/tls_cost.py (same workload and client).
 """
 from __future__ import annotations
 
@@ -51,10 +51,13 @@ def scaled(low: int, high: int, scale: float) -> tuple[int, int]:
 
 
 class Client:
-    """One grpc.aio channel to Engine/Generate (token ids) or, via_tokenizer, TextGeneration/Generate (text)."""
+    """One grpc.aio channel to Engine/Generate (token ids) or, via_tokenizer, TextGeneration/Generate (text);
+    plaintext, or TLS with `credentials` (grpc.ssl_channel_credentials: bench/tls_cost.py)."""
 
-    def __init__(self, address: str, via_tokenizer: bool, timeout: float):
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, via_tokenizer: bool, timeout: float,
+                 credentials: grpc.ChannelCredentials | None = None):
+        self.channel = (grpc.aio.insecure_channel(address) if credentials is None
+                        else grpc.aio.secure_channel(address, credentials))
         self.via_tokenizer = via_tokenizer
         self.timeout = timeout
         self.engine = engine_pb2_grpc.EngineStub(self.channel)

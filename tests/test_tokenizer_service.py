@@ -290,18 +290,24 @@ def test_stop_strings_that_never_complete_change_nothing(textgen, tokenizer, gre
     full, ids, plain_last, stop = greedy_run
     # The second one is a partial match: held back while it could still complete, then released.
     stops = ["\u2603 never in the output", stop + "\u2603"]
-    responses = list(textgen.Generate(request(PROMPT, max_tokens=40, stop=stops, ignore_eos=True)))
-    text, out_ids, last = collect(responses)
-    assert (text, out_ids) == (full, ids)
-    assert last.finish_reason == plain_last.finish_reason == engine_pb2.FINISH_REASON_LENGTH
-    assert last.matched_stop == "" and last.usage.completion_tokens == 40
-    streamed, generated, held = "", [], 0
-    for r in responses:
-        streamed += r.text
-        generated += r.token_ids
-        if tokenizer.decode(generated, True).endswith(stop):  # could still grow into stop + "\u2603"
-            assert not streamed.endswith(stop)
-            held += 1
+    held = 0
+    # A message boundary right after `stop` shows the hold-back; a loaded machine may merge that step's message
+    # with the next (a lagging stream gets its tokens in one message), so try a few times to see one.
+    for _ in range(5):
+        responses = list(textgen.Generate(request(PROMPT, max_tokens=40, stop=stops, ignore_eos=True)))
+        text, out_ids, last = collect(responses)
+        assert (text, out_ids) == (full, ids)
+        assert last.finish_reason == plain_last.finish_reason == engine_pb2.FINISH_REASON_LENGTH
+        assert last.matched_stop == "" and last.usage.completion_tokens == 40
+        streamed, generated = "", []
+        for r in responses:
+            streamed += r.text
+            generated += r.token_ids
+            if tokenizer.decode(generated, True).endswith(stop):  # could still grow into stop + "\u2603"
+                assert not streamed.endswith(stop)
+                held += 1
+        if held:
+            break
     assert held
 
 
