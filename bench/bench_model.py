@@ -85,3 +85,18 @@ def make_workload(num_requests=64, prompt_range=(32, 512), output_range=(16, 256
         prompts.append([rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_range))])
         output_lens.append(rng.randint(*output_range))
     return Workload(prompts, output_lens)
+
+
+def time_layers(layers, inputs, steps: int) -> float:
+    """Mean seconds of one pass of `layers` over their `inputs` (one decode step's linear layers, say)."""
+    import time
+
+    def step():
+        for layer, x in zip(layers, inputs):
+            layer(x)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps

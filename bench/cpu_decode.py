@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench_model import BENCH_SHAPE, build_bench_model, cpu_model
+from bench_model import BENCH_SHAPE, build_bench_model, cpu_model, time_layers
 from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.sampling_params import SamplingParams
 from tessera.worker.models.int8_linear import Int8Linear
@@ -68,16 +68,7 @@ def bare_linears(variant: str, batch: int, steps: int = 8) -> tuple[float, int]:
         layers = [PackedLinear(w.to(dtype), None) for w in weights]
         nbytes = sum(w.numel() * dtype.itemsize for w in weights)
     inputs = [torch.randn(batch, w.shape[1], dtype=dtype) for w in weights]
-
-    def step():
-        for layer, x in zip(layers, inputs):
-            layer(x)
-
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps, nbytes
+    return time_layers(layers, inputs, steps), nbytes
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_model import BENCH_SHAPE, build_bench_model, make_workload
+from bench_model import BENCH_SHAPE, build_bench_model, make_workload, time_layers
 from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.worker.models.packed_linear import PackedLinear, onednn_available
 from tessera.sampling_params import SamplingParams
@@ -90,16 +90,7 @@ def bare_matmuls(batch: int, steps: int) -> dict[str, float]:
         if kind == "onednn" and not onednn_available():
             continue
         layers = [PackedLinear(w, None) if kind == "onednn" else (lambda x, w=w: F.linear(x, w)) for w in weights]
-
-        def step():
-            for layer, x in zip(layers, inputs):
-                layer(x)
-
-        step()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times[kind] = (time.perf_counter() - start) / steps
+        times[kind] = time_layers(layers, inputs, steps)
     return times
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tessera.worker.models.packed_linear import padded_rows
+from tessera.worker.models.packed_linear import padded_rows, replace_linear_layers
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,16 +57,6 @@ class Int8Linear(nn.Module):
 QUANTIZATIONS = ("int8",)
 
 
-@torch.no_grad()
 def quantize_linear_layers(model: nn.Module) -> int:
     """Replaces the model's nn.Linear layers and its LM head with Int8Linear; returns how many."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child.weight, child.bias))
-                count += 1
-    if not hasattr(model, "lm_head"):  # tied: the embedding keeps its table for lookups, the head an int8 copy
-        model.lm_head = Int8Linear(model.embed_tokens.weight, None)
-        count += 1
-    return count
+    return replace_linear_layers(model, Int8Linear)

@@ -75,16 +75,21 @@ PRIMITIVE_CACHE_CAPACITY = "4096"
 
 
 @torch.no_grad()
-def pack_linear_layers(model: nn.Module) -> int:
-    """Replaces the model's nn.Linear layers and its LM head with PackedLinear; returns how many were packed."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", PRIMITIVE_CACHE_CAPACITY)
+def replace_linear_layers(model: nn.Module, make_layer) -> int:
+    """Swaps every nn.Linear, and the (possibly tied) LM head, for make_layer(weight, bias); returns how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child.weight, child.bias))
+                setattr(parent, name, make_layer(child.weight, child.bias))
                 count += 1
-    if not hasattr(model, "lm_head"):  # tied: the embedding keeps its dense table for lookups, the head a packed copy
-        model.lm_head = PackedLinear(model.embed_tokens.weight, None)
+    if not hasattr(model, "lm_head"):  # tied: the embedding keeps its dense table for lookups, the head its own copy
+        model.lm_head = make_layer(model.embed_tokens.weight, None)
         count += 1
     return count
+
+
+def pack_linear_layers(model: nn.Module) -> int:
+    """Replaces the model's nn.Linear layers and its LM head with PackedLinear; returns how many were packed."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", PRIMITIVE_CACHE_CAPACITY)
+    return replace_linear_layers(model, PackedLinear)
