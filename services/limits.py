@@ -15,9 +15,10 @@ from tessera.sampling_params import InvalidParam
 
 # request_id: printable ASCII without spaces, as a gRPC metadata value, a log field and a metric label can carry.
 REQUEST_ID_MAX_CHARS = 128
-# The tokenizer names sample i of a request with n > 1 "<request_id>/<i>" toward the engine (and so does the
-# engine itself); the engine takes that many characters more, enough for any uint32 index.
-SAMPLE_SUFFIX_CHARS = len("/4294967295")
+# Toward the engine the tokenizer names sample i of a call "<request_id>@<call tag>/<i>" (a random tag per call,
+# so two clients' calls with the same id never meet); the engine takes that many characters more.
+CALL_TAG_CHARS = 12
+SAMPLE_SUFFIX_CHARS = len("@" + "f" * CALL_TAG_CHARS + "/4294967295")
 _REQUEST_ID = re.compile(r"[!-~]+")
 
 # Servers' grpc.max_receive_message_length (--max-request-bytes). Replies may be bigger (prompt logprobs).

@@ -94,16 +94,27 @@ def test_n_samples_are_multiplexed_by_index(stub):
     assert len({tuple(s) for s in samples.values()}) > 1  # seed + index: the samples differ
 
 
-def test_a_refused_request_never_aborts_another_requests_sample(stub):
-    """A client id that names another request's sample ("victim/0" while "victim" runs with n=2) is refused,
-    and the refusal leaves the victim's samples running to their end."""
+def test_a_client_id_naming_another_calls_sample_runs_beside_it(stub):
+    """Engine ids are namespaced per call: a client id "victim/0" while "victim" runs with n=2 is a request of its
+    own that runs to its end, and finishing it leaves the victim's samples running to theirs."""
     victim = stub.Generate(greedy(max_tokens=200, request_id="victim", n=2))
     next(victim)  # running
-    with pytest.raises(grpc.RpcError) as error:
-        list(stub.Generate(greedy(max_tokens=4, request_id="victim/0")))
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "victim/0" in error.value.details()
+    other = list(stub.Generate(greedy(max_tokens=4, request_id="victim/0")))
+    assert other[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH and other[-1].request_id == "victim/0"
     reasons = {r.index: r.finish_reason for r in victim if r.finish_reason}
     assert reasons == {0: engine_pb2.FINISH_REASON_LENGTH, 1: engine_pb2.FINISH_REASON_LENGTH}
+
+
+def test_calls_sharing_an_id_run_apart_and_abort_ends_every_one(stub):
+    first = stub.Generate(greedy(max_tokens=3000, request_id="shared"))
+    second = stub.Generate(greedy(max_tokens=3000, request_id="shared"))
+    next(first), next(second)  # both running
+    assert stub.Abort(engine_pb2.AbortRequest(request_ids=["shared"])).num_aborted == 2
+    for call in (first, second):
+        assert [r.finish_reason for r in call if r.finish_reason] == [engine_pb2.FINISH_REASON_ABORT]
+    assert stub.Abort(engine_pb2.AbortRequest(request_ids=["shared"])).num_aborted == 0
+    alone = list(stub.Generate(greedy(max_tokens=3, request_id="shared")))  # the id is free again
+    assert alone[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH
 
 
 def test_request_id_comes_from_the_field_or_metadata(stub):

@@ -195,9 +195,10 @@ OVER = [  # (id, server, rpc, request, metadata, code, the field the message sta
     ("eng-stop-token-ids", "engine", "Generate", eng(stop_token_ids=list(range(1, 8))), (),
      INVALID, "stopping.stop_token_ids", "at most 6 token ids"),
     ("eng-request-id-length", "engine", "Generate",
-     eng(request_id="r" * (REQUEST_ID_MAX_CHARS + SAMPLE_SUFFIX_CHARS + 1)), (), INVALID, "request_id", "at most 139"),
+     eng(request_id="r" * (REQUEST_ID_MAX_CHARS + SAMPLE_SUFFIX_CHARS + 1)), (), INVALID, "request_id",
+     f"at most {REQUEST_ID_MAX_CHARS + SAMPLE_SUFFIX_CHARS}"),
     ("eng-request-id-16KiB", "engine", "Generate", eng(request_id="r" * (16 << 10 | 1)), (),
-     INVALID, "request_id", "at most 139"),
+     INVALID, "request_id", f"at most {REQUEST_ID_MAX_CHARS + SAMPLE_SUFFIX_CHARS}"),
     ("eng-request-id-non-ascii", "engine", "Generate", eng(request_id="日本"), (), INVALID, "request_id", "ASCII"),
     ("eng-request-id-control", "engine", "Generate", eng(request_id="a\x7fb"), (), INVALID, "request_id", "ASCII"),
     ("eng-prompt-tokens", "engine", "Generate", lambda: engine_request(prompt_token_ids=[5] * MAX_MODEL_LEN), (),
@@ -231,7 +232,7 @@ AT = [  # (id, server, request, samples expected)
     ("tok-stop-strings", "tokenizer", tok(stop=["zzzzzzz1", "zzzzzzz2", "zzzzzzz3", "zzzzzzz4"]), 1),
     ("tok-logit-bias", "tokenizer", tok(logit_bias={i: 0.5 for i in range(6)}), 1),
     ("tok-stop-token-ids", "tokenizer", tok(stop_token_ids=[1, 2, 3, 4]), 1),
-    # The engine gets "<id>/0" and "<id>/1": 130 characters, within its allowance for the suffix.
+    # The engine gets "<id>@<call tag>/0" and ".../1": within its allowance for the suffix.
     ("tok-request-id", "tokenizer", tok(request_id=(ID_CHARS * 2)[:REQUEST_ID_MAX_CHARS], n=2), 2),
     ("tok-x-request-id", "tokenizer", tok(), 1),
     ("eng-n-capacity", "engine", eng(n=8), 8),

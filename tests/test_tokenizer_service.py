@@ -276,6 +276,21 @@ def test_stop_string_cuts_the_text_and_aborts_the_engine_request(textgen, engine
     wait_idle(engine_stub, timeout=1.0)
 
 
+def test_a_stop_string_abort_ends_only_its_own_call_among_calls_sharing_a_request_id(textgen, greedy_run):
+    """Each call is its own request at the engine (the tokenizer tags it), so the Abort that one call's stop
+    string sends leaves another client's call under the same request_id running to its end."""
+    full, ids, _, stop = greedy_run
+    bystander = textgen.Generate(request(PROMPT, max_tokens=60, ignore_eos=True, request_id="shared"))
+    first = next(bystander)
+    stopped = list(textgen.Generate(request(PROMPT, max_tokens=LONG, stop=[stop], ignore_eos=True,
+                                            request_id="shared")))
+    assert stopped[-1].finish_reason == engine_pb2.FINISH_REASON_STOP
+    rest = list(bystander)
+    assert rest[-1].finish_reason == engine_pb2.FINISH_REASON_LENGTH and rest[-1].usage.completion_tokens == 60
+    assert [*first.token_ids, *(t for r in rest for t in r.token_ids)][:len(ids)] == ids
+    assert {r.request_id for r in [first, *rest, *stopped]} == {"shared"}
+
+
 def test_the_earliest_of_several_stop_strings_wins(textgen, greedy_run):
     full, _, _, stop = greedy_run
     end = full.index(stop) + len(stop)

@@ -8,6 +8,7 @@ cancelled, deadline, error) aborts whatever is still running, which frees its KV
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -36,7 +37,10 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         self.max_queue = max_queue
         self.limits = limits
         self.model_name = model_name
-        self.samples: dict[str, list[str]] = {}  # client request id -> engine request ids of its samples
+        # Client ids may repeat (two clients, one counter); the engine's own ids add a call number, so a call can
+        # only ever abort its own samples. Abort(id) ends every call running under that id.
+        self.calls: dict[str, dict[int, list[str]]] = {}  # client request id -> call number -> its samples' ids
+        self.call_numbers = itertools.count()
 
     def attach(self, engine_loop: EngineLoop) -> None:
         """Called on the server's event loop once the model is loaded."""
@@ -53,7 +57,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
     async def Generate(self, request, context):
         engine = self.engine
         # Bounded work first, before anything is copied, converted or submitted (limits.py). A tokenizer's
-        # sample i of n is "<request_id>/<i>": room for that suffix.
+        # sample i is "<request_id>@<call tag>/<i>": room for that suffix.
         request_id = (request_id_from(context, request.request_id, REQUEST_ID_MAX_CHARS + SAMPLE_SUFFIX_CHARS)
                       or uuid.uuid4().hex)
         check_generation(request, self.limits)
@@ -69,14 +73,14 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         # Compiled off the event loop and the engine thread (cached: a repeated constraint is ready at once);
         # meanwhile the request waits here, outside the batch. Bad or too slow: INVALID_ARGUMENT, nothing ran.
         constraint = await engine.grammars.compile_async(spec) if spec is not None else None
-        if request_id in self.samples:
-            raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already running")
         if self.loop.num_unfinished() + n > capacity:
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({self.max_queue} waiting); retry later")
 
         outputs: asyncio.Queue = asyncio.Queue()
-        ids = [request_id] if n == 1 else [f"{request_id}/{i}" for i in range(n)]
-        self.samples[request_id] = ids
+        call = next(self.call_numbers)
+        # "<id>#<call>" or "<id>#<call>/<i>": unique whatever the client's id holds, since the call number is.
+        ids = [f"{request_id}#{call}"] if n == 1 else [f"{request_id}#{call}/{i}" for i in range(n)]
+        self.calls.setdefault(request_id, {})[call] = ids
         unfinished = set()  # the samples this call submitted that have not finished: only these are its to abort
         try:
             for index, engine_id in enumerate(ids):
@@ -86,8 +90,6 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 def sink(out, index=index):
                     self.outbox.put(outputs, (index, out))
 
-                # A refusal here (another request already runs under this engine id, e.g. a client id "x/0"
-                # while "x" runs with n=2) must leave that other request alone.
                 self.loop.submit(prompt, sample_params, sink, engine_id, request.priority, constraint)
                 unfinished.add(index)
             start = last = time.perf_counter()
@@ -105,14 +107,16 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         finally:
             for index in unfinished:
                 self.loop.abort(ids[index])
-            del self.samples[request_id]
+            calls = self.calls[request_id]
+            del calls[call]
+            if not calls:
+                del self.calls[request_id]
 
     @rpc_method
     async def Abort(self, request, context):
         aborted = 0
         for request_id in request.request_ids:
-            ids = self.samples.get(request_id)
-            if ids:
+            for ids in self.calls.get(request_id, {}).values():
                 for engine_id in ids:
                     self.loop.abort(engine_id)
                 aborted += 1

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 
 import grpc
 
 from tessera.engine.v1 import engine_pb2
-from tessera.limits import (MAX_REQUEST_BYTES, Limits, check_generation, check_messages, check_prompt_bytes,
-                            check_stop_strings, sample_seed)
+from tessera.limits import (CALL_TAG_CHARS, MAX_REQUEST_BYTES, Limits, check_generation, check_messages,
+                            check_prompt_bytes, check_stop_strings, sample_seed)
 from tessera.sampling_params import InvalidParam
 from tessera.serving import RpcError, Server, request_id_from, rpc_method
 from tessera.tokenizer.chat_template import ChatTemplateError, render_chat
@@ -182,8 +183,9 @@ class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
         base.stopping.ClearField("stop")  # text-level: ours to check
         base.stopping.include_stop_str_in_output = False
         outputs: asyncio.Queue = asyncio.Queue()
+        call_tag = secrets.token_hex(CALL_TAG_CHARS // 2)
         tasks = [
-            asyncio.create_task(self._sample(request, base, request_id, i, n, prompt_ids, deadline, outputs))
+            asyncio.create_task(self._sample(request, base, request_id, call_tag, i, n, prompt_ids, deadline, outputs))
             for i in range(n)
         ]
         unfinished = n
@@ -199,18 +201,21 @@ class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
             for task in tasks:
                 task.cancel()
 
-    async def _sample(self, request, base, request_id, index, n, prompt_ids, deadline, outputs: asyncio.Queue) -> None:
+    async def _sample(self, request, base, request_id, call_tag, index, n, prompt_ids, deadline,
+                      outputs: asyncio.Queue) -> None:
         try:
-            await self._run_sample(request, base, request_id, index, n, prompt_ids, deadline, outputs)
+            await self._run_sample(request, base, request_id, call_tag, index, n, prompt_ids, deadline, outputs)
         except asyncio.CancelledError:
             raise
         except Exception as error:
             outputs.put_nowait(error)
 
-    async def _run_sample(self, request, base, request_id, index, n, prompt_ids, deadline, outputs) -> None:
+    async def _run_sample(self, request, base, request_id, call_tag, index, n, prompt_ids, deadline, outputs) -> None:
         engine_request = engine_pb2.GenerateRequest()
         engine_request.CopyFrom(base)  # the request less its text-level parts, built once for all n samples
-        engine_request.request_id = request_id if n == 1 else f"{request_id}/{index}"
+        # The call's own name at the engine: two clients' calls under one request_id never meet there, so a
+        # stop string's Abort ends only this sample.
+        engine_request.request_id = f"{request_id}@{call_tag}/{index}"
         if n > 1 and request.sampling.HasField("seed"):
             # Distinct, reproducible samples, as the engine makes them (wrapped into int64: no overflow).
             engine_request.sampling.seed = sample_seed(request.sampling.seed, index)
