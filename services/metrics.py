@@ -1,9 +1,9 @@
-"""Prometheus metrics, served on --metrics-port. Engine gauges are read at scrape time, so steps pay nothing."""
+"""Prometheus metrics, served on --metrics-port (metrics_server.py). Engine gauges are read at scrape time, so steps pay nothing."""
 from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 
 REQUESTS = Counter("tessera_requests", "Finished RPCs by method and gRPC status code", ["method", "code"])
@@ -37,7 +37,6 @@ class StatsCollector:
                 yield GaugeMetricFamily(f"tessera_{name}", help_text, value=values[name])
 
 
-def serve_metrics(port: int, stats: Callable[[], dict[str, float]] | None = None) -> None:
-    if stats is not None:
-        REGISTRY.register(StatsCollector(stats))
-    start_http_server(port)
+def register_stats(stats: Callable[[], dict[str, float]]) -> None:
+    """The engine's gauges, read at each scrape (the endpoint: metrics_server.py, started by Server)."""
+    REGISTRY.register(StatsCollector(stats))

@@ -173,6 +173,18 @@ class DrainGate(grpc.aio.ServerInterceptor):
         return call
 
 
+def files_stamp(paths) -> tuple:
+    """(mtime, size) of each file, or None for one that cannot be read now (mid-rotation)."""
+    stamps = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+            stamps.append((info.st_mtime_ns, info.st_size))
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
+
+
 def _read(path: str) -> bytes:
     with open(path, "rb") as file:
         return file.read()
@@ -191,6 +203,10 @@ class ServerTls:
     def files(self) -> tuple[str, ...]:
         return (self.cert, self.key) + ((self.client_ca,) if self.client_ca else ())
 
+    def stamp(self) -> tuple:
+        """Changes when one of the files does (mtime or size): time to read them again."""
+        return files_stamp(self.files)
+
 
 @dataclass(frozen=True)
 class ClientTls:
@@ -200,6 +216,10 @@ class ClientTls:
     ca: str
     cert: str | None = None
     key: str | None = None
+
+    def stamp(self) -> tuple:
+        """Changes when one of the files does: a long-lived channel should dial again with them."""
+        return files_stamp(f for f in (self.ca, self.cert, self.key) if f)
 
     def credentials(self) -> grpc.ChannelCredentials:
         """Reads the files now: a channel opened later reads them again."""
@@ -221,13 +241,10 @@ class CertificateReloader:
         self._lock = threading.Lock()
         self._forced = False
         try:  # a bad file at startup is an error, not a warning
-            self._stamp = self._stamp_now()
+            self._stamp = tls.stamp()
             self.initial = self._load()
         except (OSError, ssl.SSLError, ValueError) as error:
             raise ValueError(f"cannot load the TLS files {', '.join(tls.files)}: {error}") from error
-
-    def _stamp_now(self) -> tuple:
-        return tuple((os.stat(path).st_mtime_ns, os.stat(path).st_size) for path in self.tls.files)
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         ssl.create_default_context().load_cert_chain(self.tls.cert, self.tls.key)  # the key matches the cert
@@ -243,7 +260,7 @@ class CertificateReloader:
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         with self._lock:
             try:
-                stamp = self._stamp_now()
+                stamp = self.tls.stamp()
                 if stamp == self._stamp and not self._forced:
                     return None
                 config = self._load()
@@ -287,6 +304,7 @@ class Server:
         add_servicer(self.grpc, self.health, health_pb2.DESCRIPTOR.services_by_name["Health"])
         self.service_names: list[str] = []
         self.port: int | None = None
+        self.metrics = None  # a MetricsServer, once serve_metrics is called
 
     def add_servicer(self, servicer, service: ServiceDescriptor) -> None:
         """Serves `service` with `servicer` (requests that do not parse: INVALID_ARGUMENT, see registration.py);
@@ -312,6 +330,22 @@ class Server:
         await self.grpc.start()
         return self.port
 
+    def serve_metrics(self, port: int, stats=None) -> int:
+        """Prometheus metrics on `port`, bound to this server's host, HTTPS with its TLS files when it has them;
+        stats: a callable giving the engine's gauges at scrape time. Returns the bound port."""
+        from tessera.metrics import register_stats
+        from tessera.metrics_server import MetricsServer
+
+        if stats is not None:
+            register_stats(stats)
+        self.metrics = MetricsServer(self.host, port, self.reloader.tls if self.reloader else None).start()
+        return self.metrics.port
+
+    def _reload_tls(self) -> None:
+        self.reloader.force()
+        if self.metrics is not None:
+            self.metrics.force_reload()
+
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
@@ -333,6 +367,9 @@ class Server:
             log.warning("stopping with %d calls still in flight", self.gate.in_flight)
         # A moment for the calls that just ended to send their status; health watchers are cut off.
         await self.grpc.stop(0.5 if not self.gate.in_flight else 0)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.shutdown)
+            self.metrics.server_close()
 
     async def serve_until_signalled(self) -> None:
         """Serves until SIGTERM or SIGINT, then drains; a second signal ends the drain at once."""
@@ -348,7 +385,7 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
         if self.reloader is not None:
-            loop.add_signal_handler(signal.SIGHUP, self.reloader.force)  # re-read the TLS files
+            loop.add_signal_handler(signal.SIGHUP, self._reload_tls)  # re-read the TLS files
         await stop.wait()
         log.info("draining (up to %.0f s for in-flight calls; a second signal stops at once)", self.grace_seconds)
         await self.drain(again)

@@ -9,6 +9,10 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from http.client import HTTPException
 from pathlib import Path
 
 import grpc
@@ -19,7 +23,7 @@ from tessera import cli
 from tessera.engine.v1 import engine_pb2
 from tessera.serving import CertificateReloader, Server, ServerTls, is_loopback
 from tessera.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from servers import ServerProcess
+from servers import ServerProcess, free_port
 
 x509 = pytest.importorskip("cryptography.x509")
 from tls_certificates import Ca  # noqa: E402  (a CA that issues leaf certificates; needs cryptography)
@@ -99,9 +103,11 @@ def chain(pki):
                                *pki.client_flags("worker-tls"), *pki.server_flags("engine"),
                                credentials=creds, options=LOCALHOST)
         with engine:
+            metrics_port = free_port()
             tokenizer = ServerProcess("tokenizer", "--model", str(DEMO), "--engine", f"dns:///localhost:{engine.port}",
                                       *pki.client_flags("engine-tls"), *pki.server_flags("server"),
-                                      credentials=creds)
+                                      "--metrics-port", str(metrics_port), credentials=creds)
+            tokenizer.metrics_port = metrics_port
             with tokenizer:
                 yield {"worker": worker, "engine": engine, "tokenizer": tokenizer}
 
@@ -179,6 +185,7 @@ def served_serial(port: int, pki: Pki) -> int:
 def test_a_rotated_certificate_is_used_by_new_connections_while_open_streams_finish(pki, chain):
     tokenizer = chain["tokenizer"]
     assert served_serial(tokenizer.port, pki) == pki.server_serial
+    assert served_serial(tokenizer.metrics_port, pki) == pki.server_serial
     old = grpc.secure_channel(tokenizer.address, pki.credentials())
     try:
         stream = tokenizer_pb2_grpc.TextGenerationStub(old).Generate(generate_request(max_tokens=96))
@@ -187,6 +194,7 @@ def test_a_rotated_certificate_is_used_by_new_connections_while_open_streams_fin
         new_serial = pki.server_serial + 1
         pki.pair("server", pki.ca.issue("server", ("localhost",), ("127.0.0.1",), serial=new_serial))
         assert served_serial(tokenizer.port, pki) == new_serial
+        assert served_serial(tokenizer.metrics_port, pki) == new_serial  # the metrics endpoint follows
         with grpc.secure_channel(tokenizer.address, pki.credentials()) as fresh:
             fresh_responses = list(tokenizer_pb2_grpc.TextGenerationStub(fresh).Generate(generate_request()))
         assert fresh_responses
@@ -196,6 +204,60 @@ def test_a_rotated_certificate_is_used_by_new_connections_while_open_streams_fin
         assert "".join(r.text for r in [first, *rest])
     finally:
         old.close()
+
+
+def scrape(port: int, pki: Pki, who: str | None = "client") -> str:
+    context = ssl.create_default_context(cafile=pki.path("ca.pem"))
+    if who is not None:
+        context.load_cert_chain(pki.path(f"{who}.pem"), pki.path(f"{who}-key.pem"))
+    with urllib.request.urlopen(f"https://localhost:{port}/metrics", context=context, timeout=5) as response:
+        return response.read().decode()
+
+
+def test_the_metrics_endpoint_serves_https_and_requires_client_certificates_like_the_grpc_port(pki, chain):
+    port = chain["tokenizer"].metrics_port
+    assert "tessera_requests_total" in scrape(port, pki)
+    for refused in (lambda: scrape(port, pki, who=None), lambda: scrape(port, pki, who="intruder"),
+                    lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()):
+        with pytest.raises((OSError, HTTPException)):  # ssl.SSLError, a reset or a bad status line
+            refused()
+    assert "tessera_requests_total" in scrape(port, pki)  # refusals cost nothing
+
+
+def test_a_rotated_client_certificate_is_what_the_tokenizer_presents_when_it_dials_the_engine_again(tmp_path):
+    """The engines' client CA and the tokenizer's client certificate rotate to a new CA. The tokenizer dials the
+    engine again with its new certificate at once (its open stream finishes on the old connection), so when the
+    engine restarts trusting only the new CA, the tokenizer still gets in."""
+    pki = Pki(tmp_path)
+    pki.write("client-ca.pem", pki.ca.pem())
+    pki.pair("tokenizer-client", pki.ca.issue("tokenizer", client=True))
+    engine = ServerProcess("engine", "--model", str(DEMO), "--tls-cert", pki.path("engine.pem"),
+                           "--tls-key", pki.path("engine-key.pem"), "--tls-client-ca", pki.path("client-ca.pem"),
+                           credentials=pki.credentials(), options=LOCALHOST)
+    with engine, ServerProcess("tokenizer", "--model", str(DEMO), "--engine", f"dns:///localhost:{engine.port}",
+                               *pki.client_flags("engine-tls", "tokenizer-client")) as tokenizer:
+        with grpc.insecure_channel(tokenizer.address) as channel:
+            stub = tokenizer_pb2_grpc.TextGenerationStub(channel)
+            stream = stub.Generate(generate_request(max_tokens=96))
+            first = next(stream)
+
+            rotated = Ca("rotated client CA")
+            pki.write("client-ca.pem", rotated.pem())
+            pki.pair("tokenizer-client", rotated.issue("tokenizer", client=True))
+            time.sleep(2.0)  # a few of the tokenizer's polls
+            assert "".join(r.text for r in [first, *stream]) and stream.code() == grpc.StatusCode.OK
+
+            engine.stop()
+            engine.credentials = pki.credentials("tokenizer-client")  # only the new CA's certificates get in now
+            engine.start()
+            deadline = time.monotonic() + 20
+            while True:  # until the tokenizer has seen the engine back
+                try:
+                    assert list(stub.Generate(generate_request(), timeout=10))
+                    break
+                except grpc.RpcError as error:
+                    assert time.monotonic() < deadline, error
+                    time.sleep(0.5)
 
 
 # -- flags and warnings ---------------------------------------------------------------------------------------

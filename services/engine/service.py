@@ -198,7 +198,6 @@ async def serve_engine(config, port: int, *, worker_address: str | None = None, 
     """tls: a serving.ServerTls to serve TLS with; worker_tls: a serving.ClientTls for the remote worker."""
     from pathlib import Path
 
-    from tessera.metrics import serve_metrics
     from tessera.serving import Server
 
     server = Server(port, host, grace_seconds, max_request_bytes, tls=tls)
@@ -224,7 +223,7 @@ async def serve_engine(config, port: int, *, worker_address: str | None = None, 
     service.model_name = service.model_name or Path(engine.model_config.model_dir).name
     service.attach(engine_loop)
     if metrics_port:
-        serve_metrics(metrics_port, engine.stats)
+        server.serve_metrics(metrics_port, engine.stats)
     await server.set_serving(True)
     log.info("engine ready on port %d (%.1f s)", bound, time.perf_counter() - started)
     try:

@@ -9,7 +9,9 @@ so requests balance across the pods behind a headless Service (gRPC's pick_first
 re-resolved every few seconds, and at once while all its engines are down. An address that leaves the answer
 (a draining pod) takes no new requests; its channel closes once the calls it carries have ended. With TLS, such a
 channel dials the IP address but checks the engine's certificate against the DNS name (the certificates name the
-Service, not pod IPs).
+Service, not pod IPs). When the TLS files change (a rotated client certificate), every engine gets a new channel
+made with them, and the old one closes once its calls have ended: gRPC would otherwise keep presenting the old
+certificate each time it reconnects.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import asyncio
 import logging
 import re
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -73,6 +76,7 @@ class EngineRouter:
     def __init__(self, addresses: list[str], poll_seconds: float = 0.5, resolve_seconds: float = 5.0,
                  resolve: Resolver = resolve_host, tls: ClientTls | None = None):
         self.tls = tls
+        self.tls_stamp = tls.stamp() if tls is not None else None
         self.engines: list[EngineHandle] = []  # replaced, never changed in place: iterating it needs no copy
         self.targets: list[DnsTarget] = []
         for address in addresses:
@@ -108,11 +112,29 @@ class EngineRouter:
             await engine.channel.close()
 
     async def poll(self) -> None:
+        if self.tls is not None and self.tls.stamp() != self.tls_stamp:
+            self._redial()
         gone = [e for e in self.engines if e.leaving and e.in_flight == 0]
         if gone:
             self.engines = [e for e in self.engines if e not in gone]
             await asyncio.gather(*(e.channel.close() for e in gone))
         await asyncio.gather(*(self._poll_one(engine) for engine in self.engines if not engine.leaving))
+
+    def _redial(self) -> None:
+        """New channels with the TLS files as they are now; the old ones drain like an engine that left DNS."""
+        try:
+            if self.tls.cert:  # a certificate written before its key (or after) is not a pair yet
+                ssl.create_default_context().load_cert_chain(self.tls.cert, self.tls.key)
+            replacements = [(old, self._open(old.address, old.target)) for old in self.engines if not old.leaving]
+        except (OSError, ssl.SSLError) as error:  # mid-rotation: try again at the next poll
+            log.warning("TLS files changed but cannot be read yet: %s", error)
+            return
+        self.tls_stamp = self.tls.stamp()
+        for old, new in replacements:
+            new.up, new.queued, new.info = old.up, old.queued, old.info
+            old.leaving = True
+        self.engines = [*self.engines, *(new for _, new in replacements)]
+        log.info("TLS files changed: dialling the engines again with them")
 
     async def _poll_one(self, engine: EngineHandle) -> None:
         try:
@@ -154,7 +176,8 @@ class EngineRouter:
             target.failing = True
             return
         target.failing = False
-        mine = {e.address: e for e in self.engines if e.target is target}  # after the await: poll() may reap
+        # After the await (poll() may reap); a channel being replaced (leaving) ranks below its replacement.
+        mine = {e.address: e for e in sorted(self.engines, key=lambda e: not e.leaving) if e.target is target}
         current = {a for a, e in mine.items() if not e.leaving}
         added, removed = sorted(wanted - current), sorted(current - wanted)
         if not (added or removed):

@@ -308,8 +308,6 @@ async def serve_tokenizer(model_dir: str, engines: list[str], port: int, *, host
                           metrics_port: int | None = None, grace_seconds: float = 30.0, limits: Limits = Limits(),
                           max_request_bytes: int = MAX_REQUEST_BYTES, tls=None, engine_tls=None) -> None:
     """tls: a serving.ServerTls to serve TLS with; engine_tls: a serving.ClientTls for the engines."""
-    from tessera.metrics import serve_metrics
-
     server = Server(port, host, grace_seconds, max_request_bytes, tls=tls)
     tokenizer = Tokenizer(model_dir)
     router = EngineRouter(engines, tls=engine_tls)
@@ -318,7 +316,7 @@ async def serve_tokenizer(model_dir: str, engines: list[str], port: int, *, host
     server.add_servicer(TextGenerationService(tokenizer, router, limits), services["TextGeneration"])
     bound = await server.start()
     if metrics_port:
-        serve_metrics(metrics_port)
+        server.serve_metrics(metrics_port)
     await router.start()
     health_task = asyncio.create_task(_follow_engines(server, router))
     log.info("tokenizer on port %d, forwarding to %s", bound, ", ".join(engines))

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from tessera.limits import MAX_WORKER_REQUEST_BYTES
-from tessera.metrics import serve_metrics
 from tessera.serving import RpcError, Server, rpc_method
 from tessera.step import plan_from_proto, result_to_proto
 from tessera.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -105,7 +104,7 @@ async def serve_worker(config: WorkerConfig, port: int, host: str = "[::]", metr
                        grace_seconds: float = GRACE_SECONDS,
                        max_request_bytes: int = MAX_WORKER_REQUEST_BYTES, tls=None) -> None:
     """`tessera worker`: serves until SIGTERM or SIGINT; tls: a serving.ServerTls to serve TLS with."""
-    if metrics_port is not None:
-        serve_metrics(metrics_port)
     server, _ = await start_worker_server(config, port, host, grace_seconds, max_request_bytes, tls)
+    if metrics_port is not None:
+        server.serve_metrics(metrics_port)
     await server.serve_until_signalled()
