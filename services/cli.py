@@ -156,6 +156,36 @@ def limits_from(args):
     return Limits(**{f.name: getattr(args, f.name) for f in fields(Limits) if hasattr(args, f.name)})
 
 
+def add_chat_template_args(parser: argparse.ArgumentParser) -> None:
+    # Off by default, as vLLM's --trust-request-chat-template is: a template is code, and a server open to clients
+    # it does not know should not run theirs. The model's own template (chosen by the operator) always renders.
+    group = parser.add_argument_group(
+        "chat templates from clients", "A request's chat_template is refused (INVALID_ARGUMENT) unless allowed; "
+        "then it renders in a separate process, killed at its time or memory limit.")
+    group.add_argument("--allow-client-chat-template", action="store_true",
+                       help="render the chat_template that RenderChat and Generate requests may carry")
+    group.add_argument("--chat-template-timeout", type=float, default=None, metavar="SECONDS",
+                       help="wall-clock limit of one client template's render (default 1)")
+    group.add_argument("--chat-template-memory", type=parse_bytes, default=None, metavar="SIZE",
+                       help="address space of each render process (default 512MiB, at least 64MiB)")
+    group.add_argument("--chat-template-processes", type=int, default=None, metavar="N",
+                       help="render processes, i.e. client templates rendering at once; more wait (default 2)")
+
+
+def chat_sandbox_from(args):
+    """The sandbox's limits (chat_sandbox.SandboxLimits), or None when client templates are not allowed."""
+    from tessera.tokenizer.chat_sandbox import SandboxLimits
+
+    if not args.allow_client_chat_template:
+        return None
+    given = {"seconds": args.chat_template_timeout, "memory_bytes": args.chat_template_memory,
+             "processes": args.chat_template_processes}
+    try:
+        return SandboxLimits(**{name: value for name, value in given.items() if value is not None})
+    except ValueError as error:
+        sys.exit(f"tessera tokenizer: {error}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"))
@@ -193,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(tokenizer, DEFAULT_PORT)
     add_client_tls_args(tokenizer, "engine-tls", "engines")
     add_limit_args(tokenizer, tokenizer=True)
+    add_chat_template_args(tokenizer)
 
     up = roles.add_parser("up", help="every role on this machine, as child processes")
     up.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (default: $TESSERA_MODEL or the "
@@ -274,7 +305,8 @@ def run_tokenizer(args) -> None:
     asyncio.run(serve_tokenizer(args.model, engines, args.port, host=args.host, metrics_port=args.metrics_port,
                                 grace_seconds=args.grace, limits=limits_from(args),
                                 max_request_bytes=args.max_request_bytes, tls=server_tls_from(args),
-                                engine_tls=client_tls_from(args, "engine-tls")))
+                                engine_tls=client_tls_from(args, "engine-tls"),
+                                client_chat_templates=chat_sandbox_from(args)))
 
 
 def run_up(args) -> int:

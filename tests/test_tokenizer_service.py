@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from servers import ServerProcess
 from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
+from tessera.tokenizer.chat_sandbox import ChatSandbox, SandboxLimits
 from tessera.tokenizer.service import TokenizerService
 from tessera.tokenizer.tokenizer import Tokenizer
 from tessera.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -80,8 +81,10 @@ def engine_process(model_dir) -> ServerProcess:
 
 
 def tokenizer_process(model_dir, *engines: ServerProcess) -> ServerProcess:
-    """A tokenizer server forwarding to `engines` (on equal load it tries them in this order)."""
-    return ServerProcess("tokenizer", "--model", str(model_dir), *(f"--engine={e.address}" for e in engines))
+    """A tokenizer server forwarding to `engines` (on equal load it tries them in this order); it renders the
+    chat templates the tests send (test_chat_sandbox.py tests the sandbox and the refusal)."""
+    return ServerProcess("tokenizer", "--model", str(model_dir), *(f"--engine={e.address}" for e in engines),
+                         "--allow-client-chat-template")
 
 
 @pytest.fixture(scope="module")
@@ -546,14 +549,18 @@ def test_a_model_without_a_chat_template_needs_an_override(tmp_path, hf_tok):
     del config["chat_template"]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     shutil.copy(DEMO / "tokenizer.json", tmp_path / "tokenizer.json")
-    servicer = TokenizerService(Tokenizer(tmp_path))
-    assert not call(servicer, "GetTokenizerInfo", tokenizer_pb2.GetTokenizerInfoRequest()).has_chat_template
-    with pytest.raises(Aborted) as error:
-        call(servicer, "RenderChat", tokenizer_pb2.RenderChatRequest(messages=CHAT))
-    assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION and error.value.details.startswith("messages")
-    rendered = call(servicer, "RenderChat", tokenizer_pb2.RenderChatRequest(messages=CHAT, chat_template=LLAMA3))
-    assert rendered.prompt == hf_tok.apply_chat_template(as_dicts(CHAT), chat_template=LLAMA3, tokenize=False,
-                                                         add_generation_prompt=True)
+    sandbox = ChatSandbox(SandboxLimits(processes=1))  # the override is a client's template
+    servicer = TokenizerService(Tokenizer(tmp_path), sandbox=sandbox)
+    try:
+        assert not call(servicer, "GetTokenizerInfo", tokenizer_pb2.GetTokenizerInfoRequest()).has_chat_template
+        with pytest.raises(Aborted) as error:
+            call(servicer, "RenderChat", tokenizer_pb2.RenderChatRequest(messages=CHAT))
+        assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION and error.value.details.startswith("messages")
+        rendered = call(servicer, "RenderChat", tokenizer_pb2.RenderChatRequest(messages=CHAT, chat_template=LLAMA3))
+        assert rendered.prompt == hf_tok.apply_chat_template(as_dicts(CHAT), chat_template=LLAMA3, tokenize=False,
+                                                             add_generation_prompt=True)
+    finally:
+        sandbox.close()
 
 
 def test_tokenizer_rpcs_over_the_wire_match_the_servicer(tok_stub, servicer):

@@ -20,7 +20,8 @@ from tessera.limits import (CALL_TAG_CHARS, MAX_REQUEST_BYTES, Limits, check_gen
                             check_prompt_bytes, check_stop_strings, sample_seed)
 from tessera.sampling_params import InvalidParam
 from tessera.serving import RpcError, Server, request_id_from, rpc_method
-from tessera.tokenizer.chat_template import ChatTemplateError, render_chat
+from tessera.tokenizer.chat_sandbox import ChatSandbox, SandboxLimits, SandboxUnavailable
+from tessera.tokenizer.chat_template import ChatTemplateError, TemplateLimitError
 from tessera.tokenizer.detokenizer import IncrementalDetokenizer
 from tessera.tokenizer.router import EngineHandle, EngineRouter
 from tessera.tokenizer.stop_strings import StopStringMatcher
@@ -55,35 +56,61 @@ def text_of_tokens(ids, finished: bool, detokenizer: IncrementalDetokenizer,
     return text, kept, matched
 
 
-def render_messages(tokenizer: Tokenizer, messages, add_generation_prompt: bool, template: str | None,
-                    limits: Limits) -> str:
-    """The chat as prompt text; the messages and then the rendered prompt within limits.max_prompt_bytes."""
+async def render_messages(tokenizer: Tokenizer, messages, add_generation_prompt: bool, template: str | None,
+                          limits: Limits, sandbox: ChatSandbox | None = None) -> str:
+    """The chat as prompt text; the messages and then the rendered prompt within limits.max_prompt_bytes.
+
+    The model's template (the operator's) renders on a thread. A template from the request is code from the
+    client: it renders only if the server allows it (`sandbox`), in a process that is killed at its time or
+    memory limit (chat_sandbox.py), and nothing of it runs here."""
+    if template is not None:
+        if sandbox is None:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "chat_template: this server does not render chat templates sent by clients (its operator "
+                           "can allow them with --allow-client-chat-template); leave chat_template unset to use "
+                           "the model's")
+        if len(template) > MAX_TEMPLATE_CHARS:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"chat_template: longer than {MAX_TEMPLATE_CHARS} characters")
+    try:
+        if template is None:
+            prompt = await asyncio.to_thread(_render_model_template, tokenizer, messages, add_generation_prompt, limits)
+        else:
+            chat = await asyncio.to_thread(_chat, messages, limits)
+            prompt = await sandbox.render(template, chat, add_generation_prompt, tokenizer.special_tokens_map,
+                                          limits.max_prompt_bytes)  # the sandbox stops at that size
+            check_prompt_bytes("messages", len(prompt.encode()), limits, "the chat rendered with its template")
+    except TemplateLimitError as error:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{error.field}: {error}") from None
+    except ChatTemplateError as error:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"messages: the chat template failed: {error}") from None
+    except SandboxUnavailable as error:
+        raise RpcError(grpc.StatusCode.UNAVAILABLE, f"chat_template: {error}") from None
+    return prompt
+
+
+def _chat(messages, limits: Limits) -> list[dict]:
     check_messages(messages, limits)
-    prompt = _render(tokenizer, messages, add_generation_prompt, template)
+    chat = [{"role": m.role, "content": m.content} for m in messages]
+    if not chat:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "messages: must not be empty")
+    return chat
+
+
+def _render_model_template(tokenizer: Tokenizer, messages, add_generation_prompt: bool, limits: Limits) -> str:
+    chat = _chat(messages, limits)
+    if tokenizer.chat_template is None:
+        raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "messages: the model has no chat template (a request's chat_template "
+                                                       "renders where --allow-client-chat-template is set)")
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt)
     check_prompt_bytes("messages", len(prompt.encode()), limits, "the chat rendered with its template")
     return prompt
 
 
-def _render(tokenizer: Tokenizer, messages, add_generation_prompt: bool, template: str | None) -> str:
-    chat = [{"role": m.role, "content": m.content} for m in messages]
-    if not chat:
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "messages: must not be empty")
-    try:
-        if template is not None:
-            if len(template) > MAX_TEMPLATE_CHARS:
-                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"chat_template: longer than {MAX_TEMPLATE_CHARS} characters")
-            return render_chat(template, chat, add_generation_prompt, tokenizer.special_tokens_map)
-        if tokenizer.chat_template is None:
-            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "messages: the model has no chat template; pass chat_template")
-        return tokenizer.apply_chat_template(chat, add_generation_prompt)
-    except ChatTemplateError as error:
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"messages: the chat template failed: {error}") from None
-
-
 class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
-    def __init__(self, tokenizer: Tokenizer, limits: Limits = Limits()):
+    def __init__(self, tokenizer: Tokenizer, limits: Limits = Limits(), sandbox: ChatSandbox | None = None):
         self.tokenizer = tokenizer
         self.limits = limits
+        self.sandbox = sandbox  # renders clients' chat templates; None: they are refused
 
     @rpc_method
     async def Tokenize(self, request, context):
@@ -108,12 +135,9 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
 
     @rpc_method
     async def RenderChat(self, request, context):
-        def render() -> tuple[str, list[int]]:
-            prompt = render_messages(self.tokenizer, request.messages, optional(request, "add_generation_prompt", True),
-                                     optional(request, "chat_template", None), self.limits)
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)  # the template wrote BOS
-
-        prompt, ids = await asyncio.to_thread(render)
+        prompt = await render_messages(self.tokenizer, request.messages, optional(request, "add_generation_prompt", True),
+                                       optional(request, "chat_template", None), self.limits, self.sandbox)
+        ids = await asyncio.to_thread(self.tokenizer.encode, prompt, add_special_tokens=False)  # the template wrote BOS
         return tokenizer_pb2.RenderChatResponse(prompt=prompt, token_ids=ids)
 
     @rpc_method
@@ -137,18 +161,21 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
 
 
 class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
-    def __init__(self, tokenizer: Tokenizer, router: EngineRouter, limits: Limits = Limits()):
+    def __init__(self, tokenizer: Tokenizer, router: EngineRouter, limits: Limits = Limits(),
+                 sandbox: ChatSandbox | None = None):
         self.tokenizer = tokenizer
         self.router = router
         self.limits = limits
+        self.sandbox = sandbox  # renders clients' chat templates; None: they are refused
 
-    def prompt_ids(self, request) -> list[int]:
-        """Tokenized (on a thread): the text's size is checked before, a chat's in render_messages."""
+    async def prompt_ids(self, request) -> list[int]:
+        """Tokenized on a thread: the text's size is checked before, a chat's in render_messages."""
         if request.text:
-            return self.tokenizer.encode(request.text, optional(request, "add_special_tokens", True))
-        prompt = render_messages(self.tokenizer, request.messages, optional(request, "add_generation_prompt", True),
-                                 optional(request, "chat_template", None), self.limits)
-        return self.tokenizer.encode(prompt, add_special_tokens=False)
+            return await asyncio.to_thread(self.tokenizer.encode, request.text,
+                                           optional(request, "add_special_tokens", True))
+        prompt = await render_messages(self.tokenizer, request.messages, optional(request, "add_generation_prompt", True),
+                                       optional(request, "chat_template", None), self.limits, self.sandbox)
+        return await asyncio.to_thread(self.tokenizer.encode, prompt, add_special_tokens=False)
 
     def check_prompt_length(self, prompt_ids: list[int]) -> None:
         """The engines' own check (OUT_OF_RANGE), made once here rather than by each of n engine calls."""
@@ -167,7 +194,7 @@ class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "text: set exactly one of text and messages")
         if request.text:
             check_prompt_bytes("text", len(request.text.encode()), self.limits)
-        prompt_ids = await asyncio.to_thread(self.prompt_ids, request)
+        prompt_ids = await self.prompt_ids(request)
         self.check_prompt_length(prompt_ids)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
@@ -276,6 +303,9 @@ class TextGenerationService(tokenizer_pb2_grpc.TextGenerationServicer):
                 raise _NotStarted(error.code(), error.details()) from None
             if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None and time.monotonic() >= deadline:
                 raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired") from None
+            if error.code() is grpc.StatusCode.UNAVAILABLE:  # it went down mid-stream: say which one
+                raise RpcError(grpc.StatusCode.UNAVAILABLE,
+                               f"engine {engine.address} failed mid-stream: {error.details()}") from None
             raise
         finally:
             engine.in_flight -= 1
@@ -306,14 +336,17 @@ class _NotStarted(Exception):
 
 async def serve_tokenizer(model_dir: str, engines: list[str], port: int, *, host: str = "[::]",
                           metrics_port: int | None = None, grace_seconds: float = 30.0, limits: Limits = Limits(),
-                          max_request_bytes: int = MAX_REQUEST_BYTES, tls=None, engine_tls=None) -> None:
-    """tls: a serving.ServerTls to serve TLS with; engine_tls: a serving.ClientTls for the engines."""
+                          max_request_bytes: int = MAX_REQUEST_BYTES, tls=None, engine_tls=None,
+                          client_chat_templates: SandboxLimits | None = None) -> None:
+    """tls: a serving.ServerTls to serve TLS with; engine_tls: a serving.ClientTls for the engines;
+    client_chat_templates: render the chat_template of requests in a sandbox with these limits (None: refuse)."""
     server = Server(port, host, grace_seconds, max_request_bytes, tls=tls)
     tokenizer = Tokenizer(model_dir)
     router = EngineRouter(engines, tls=engine_tls)
+    sandbox = ChatSandbox(client_chat_templates) if client_chat_templates is not None else None
     services = tokenizer_pb2.DESCRIPTOR.services_by_name
-    server.add_servicer(TokenizerService(tokenizer, limits), services["Tokenizer"])
-    server.add_servicer(TextGenerationService(tokenizer, router, limits), services["TextGeneration"])
+    server.add_servicer(TokenizerService(tokenizer, limits, sandbox), services["Tokenizer"])
+    server.add_servicer(TextGenerationService(tokenizer, router, limits, sandbox), services["TextGeneration"])
     bound = await server.start()
     if metrics_port:
         server.serve_metrics(metrics_port)
@@ -324,6 +357,8 @@ async def serve_tokenizer(model_dir: str, engines: list[str], port: int, *, host
         await server.serve_until_signalled()
     finally:
         health_task.cancel()
+        if sandbox is not None:
+            sandbox.close()  # after the drain: kills a render still running, leaves no process behind
         await router.close()
 
 
