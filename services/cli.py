@@ -44,6 +44,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default=None, choices=["int8"],
                         help="CPU: int8 linear layers (weights per channel at load, activations per token; oneDNN's "
                              "int8 GEMM), about a quarter of float32's weight bytes")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="shard the model over N worker processes (torch.distributed: gloo on CPU, NCCL on CUDA; "
+                             "not TPU yet). An engine without --worker starts them here, one per CUDA device or per "
+                             "share of the CPU cores; a worker is rank $RANK of N, meeting the others at "
+                             "$MASTER_ADDR:$MASTER_PORT (as torchrun sets them)")
+    parser.add_argument("--collective-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="tensor parallelism: how long a rank waits for the others at a collective before the "
+                             "group counts as broken (a dead or hung rank) and restarts")
 
 
 def pem_file(text: str) -> str:
@@ -259,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_tls_args(parser, args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # A tensor-parallel rank says which it is on every line: N processes log to one terminal or collector.
+    rank = f" rank {os.environ.get('RANK', '0')}" if getattr(args, "tensor_parallel_size", 1) > 1 else ""
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(name)s{rank} %(levelname)s %(message)s")
     return COMMANDS[args.command](args) or 0
 
 
@@ -268,20 +278,24 @@ def run_engine(args) -> None:
     from tessera.engine.service import serve_engine
 
     if len(args.worker) > 1:
-        sys.exit("tessera engine: one --worker for now (tensor parallelism across workers is not built yet)")
+        sys.exit("tessera engine: one --worker (for tensor parallelism, rank 0 of the group)")
+    if args.tensor_parallel_size < 1:
+        sys.exit("tessera engine: --tensor-parallel-size must be at least 1")
+    if args.tensor_parallel_size > 1 and (args.device or os.environ.get("TESSERA_DEVICE", "")) == "tpu":
+        sys.exit("tessera engine: tensor parallelism runs on CUDA and CPU; the TPU backend is one device for now")
     config = EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         cpu_matmul=args.cpu_matmul, structured_output_timeout=args.structured_output_timeout,
-        quantization=args.quantization,
+        quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
     )
     asyncio.run(serve_engine(config, args.port, worker_address=(args.worker or [None])[0], host=args.host,
                              metrics_port=args.metrics_port, max_queue=args.max_queue, grace_seconds=args.grace,
                              worker_step_timeout=args.worker_step_timeout, limits=limits_from(args),
                              max_request_bytes=args.max_request_bytes, tls=server_tls_from(args),
-                             worker_tls=client_tls_from(args, "worker-tls")))
+                             worker_tls=client_tls_from(args, "worker-tls"), collective_timeout=args.collective_timeout))
 
 
 def run_worker(args) -> None:
@@ -293,7 +307,14 @@ def run_worker(args) -> None:
         # The XLA runner compiles buckets sized by the engine's limits, which a separate worker does not know.
         sys.exit("tessera worker: TPU workers run inside the engine for now: use `tessera engine --device tpu`")
     config = WorkerConfig(args.model, args.dtype, args.device, args.block_size, args.kv_cache_memory,
-                          cpu_matmul=args.cpu_matmul, quantization=args.quantization)
+                          cpu_matmul=args.cpu_matmul, quantization=args.quantization,
+                          tensor_parallel_size=args.tensor_parallel_size, collective_timeout=args.collective_timeout)
+    if os.environ.get("TESSERA_CPUS"):  # a rank's share of the cores (engine/worker_group.py)
+        os.sched_setaffinity(0, {int(core) for core in os.environ["TESSERA_CPUS"].split(",")})
+    if args.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:
+        from tessera.worker.service import follow
+
+        return follow(config)  # no server: rank 0 serves the engine and broadcasts each step here
     asyncio.run(serve_worker(config, args.port, host=args.host, metrics_port=args.metrics_port,
                              max_request_bytes=args.max_request_bytes, tls=server_tls_from(args)))
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tessera.limits import MAX_REQUEST_BYTES, REQUEST_ID_MAX_CHARS, check_request_id
 from tessera.metrics import REQUESTS
@@ -42,6 +42,15 @@ CHANNEL_OPTIONS = [  # clients of other tessera servers: replies (prompt logprob
 # While draining every new call is refused except those to these services, and Abort (it only ends work that is
 # already running, e.g. a tokenizer's sample that met its stop string).
 DRAIN_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's health servicer plus List, which grpc.health.v1 has and grpc's servicer answers UNIMPLEMENTED."""
+
+    async def List(self, request, context):
+        # _server_status is grpc's own table: set() and the drain both write it.
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()})
 
 
 class RpcError(Exception):
@@ -300,7 +309,7 @@ class Server:
         self.host = host
         self.reloader = CertificateReloader(tls) if tls is not None else None
         self.grace_seconds = grace_seconds
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         add_servicer(self.grpc, self.health, health_pb2.DESCRIPTOR.services_by_name["Health"])
         self.service_names: list[str] = []
         self.port: int | None = None
@@ -313,9 +322,10 @@ class Server:
 
     async def start(self) -> int:
         """Binds and starts serving; every service reports NOT_SERVING until set_serving(True)."""
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc
-        )
+        # Registered like every other service, so that bytes that do not parse are INVALID_ARGUMENT, not UNKNOWN.
+        add_servicer(self.grpc, reflection.aio.ReflectionServicer(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]),
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
         if self.reloader is not None:
             self.port = self.grpc.add_secure_port(self.address, self.reloader.credentials())
             log.info("serving TLS with %s%s", self.reloader.tls.cert,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from tessera.sampling_params import SamplingParams
+from tessera.sampling_params import InvalidParam, SamplingParams
 from tessera.worker.v1 import worker_pb2 as pb
 
 
@@ -129,9 +129,16 @@ def plan_from_proto(message: pb.StepPlan) -> StepPlan:
         new_block_ids={entry.request_id: list(entry.block_ids) for entry in message.new_block_ids},
         num_scheduled_tokens={entry.request_id: entry.num_tokens for entry in message.num_scheduled_tokens},
         finished_request_ids=list(message.finished_request_ids),
-        token_masks={entry.request_id: torch.frombuffer(bytearray(entry.bitmask), dtype=torch.int32)
-                     for entry in message.token_masks},
+        token_masks={entry.request_id: _mask_from_proto(entry) for entry in message.token_masks},
     )
+
+
+def _mask_from_proto(entry: pb.TokenMask) -> torch.Tensor:
+    # Whole words only (torch.frombuffer refuses the rest, and an empty buffer): a client's error, not ours.
+    if not entry.bitmask or len(entry.bitmask) % 4:
+        raise InvalidParam(f"plan.token_masks[{entry.request_id[:64]!r}]",
+                           f"{len(entry.bitmask)} bytes is not a whole number of 32-bit words")
+    return torch.frombuffer(bytearray(entry.bitmask), dtype=torch.int32)
 
 
 # -- step result ------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def test_describe_reports_the_model_and_kv_capacity_and_health_is_serving(model_
             assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_one_engine_at_a_time_and_a_failed_step_is_internal(model_dir, worker):
+def test_one_engine_at_a_time_and_a_plan_no_engine_sends_is_invalid_argument(model_dir, worker):
     remote_engine(model_dir, worker).generate([[5, 6, 7]], SamplingParams(max_tokens=2))  # holds the stream
     empty = worker_pb2.ExecuteRequest(plan=worker_pb2.StepPlan())
     unknown = worker_pb2.ExecuteRequest(plan=worker_pb2.StepPlan(
@@ -125,7 +125,7 @@ def test_one_engine_at_a_time_and_a_failed_step_is_internal(model_dir, worker):
         assert first.result == worker_pb2.StepResult()
         with pytest.raises(grpc.RpcError) as error:  # a plan naming a request the worker does not know
             next(responses)
-        assert error.value.code() is grpc.StatusCode.INTERNAL and "nobody" in error.value.details()
+        assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "nobody" in error.value.details()
 
 
 def test_a_killed_worker_fails_the_step_and_a_restarted_one_serves_again(model_dir):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from servers import ServerProcess
 from tessera.engine.v1 import engine_pb2
@@ -44,6 +45,10 @@ def servers(tmp_path_factory):
                "tokenizer": (tokenizer.address, rpcs(tokenizer_pb2, "Tokenizer") + rpcs(tokenizer_pb2, "TextGeneration"))}
 
 
+# Every server has these too: health (Check, List, Watch) and reflection.
+COMMON = rpcs(health_pb2, "Health") + rpcs(reflection_pb2, "ServerReflection")
+
+
 def call_raw(channel, path, client_streaming, server_streaming, payload: bytes):
     kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
             (True, False): channel.stream_unary, (True, True): channel.stream_stream}[(client_streaming, server_streaming)]
@@ -58,8 +63,7 @@ def call_raw(channel, path, client_streaming, server_streaming, payload: bytes):
 def test_undecodable_requests_are_invalid_argument(servers, role, kind):
     address, methods = servers[role]
     with grpc.insecure_channel(address) as channel:
-        for path, client_streaming, server_streaming, string_field in methods + [
-                ("/grpc.health.v1.Health/Check", False, False, True)]:
+        for path, client_streaming, server_streaming, string_field in methods + COMMON:
             if kind == "invalid utf-8" and not string_field:
                 continue  # an unknown field: its bytes are kept, not parsed (and that is right)
             with pytest.raises(grpc.RpcError) as error:

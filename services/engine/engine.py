@@ -48,6 +48,7 @@ class EngineConfig:
     cpu_matmul: str = "auto"  # CPU linear layers: onednn, aten, or auto (see worker/models/packed_linear.py)
     structured_output_timeout: float = 10.0  # seconds a constraint may take to compile before it is refused
     quantization: str | None = None  # CPU: "int8" linear layers (see worker/models/int8_linear.py)
+    tensor_parallel_size: int = 1  # > 1: the model sharded over that many worker processes (worker_group.py)
 
 
 @dataclass
@@ -65,13 +66,22 @@ class Completion:
 class LLMEngine:
     def __init__(self, config: EngineConfig, worker: WorkerClient | None = None):
         self.config = config
-        if worker is None:
+        if worker is None and config.tensor_parallel_size > 1:
+            from tessera.engine.worker_group import LocalWorkerGroup
+
+            worker = LocalWorkerGroup(config)
+        elif worker is None:
             from tessera.engine.local_worker import make_local_worker
 
             worker = make_local_worker(config)
         self.worker = worker
         self.model_config = self.worker.model_config
         max_model_len = min(config.max_model_len or self.model_config.max_model_len, self.model_config.max_model_len)
+        kv_tokens = self.worker.num_blocks * self.worker.block_size
+        if kv_tokens < max_model_len:  # a longer request could never fit: it would wait (or preempt) forever
+            log.warning("the KV cache holds %d tokens, fewer than the model's length %d: requests are limited to %d "
+                        "tokens (give it more memory with --kv-cache-memory)", kv_tokens, max_model_len, kv_tokens)
+            max_model_len = kv_tokens
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(self.worker.num_blocks, self.worker.block_size, config.enable_prefix_caching)
         mc = self.model_config

@@ -85,6 +85,7 @@ class RemoteWorker:
         self.block_size = self.info.block_size
         self.device = self.info.device
         self.attention_backend = self.info.attention_backend
+        self.tensor_parallel_size = self.info.tensor_parallel_size or 1
         log.info("worker at %s: %s on %s, %d KV blocks x %d tokens", address, self.info.model_path, self.device,
                  self.num_blocks, self.block_size)
 
@@ -108,6 +109,24 @@ class RemoteWorker:
             raise WorkerUnavailable(self.address, "it ended the stream")
         return result_from_proto(response.result)
 
+    def healthy(self) -> bool:
+        """Whether the worker answers SERVING now, and is the one the engine was sized for (on a channel of its
+        own: the step channel may be gone). The engine's health follows it, so a load balancer stops sending
+        requests that could only fail. Never raises."""
+        probe = getattr(self, "_probe", None)
+        try:
+            if probe is None:
+                probe = self._probe = (grpc.secure_channel(self.address, self.tls.credentials(), options=CHANNEL)
+                                       if self.tls is not None else grpc.insecure_channel(self.address, options=CHANNEL))
+            check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            if health_pb2_grpc.HealthStub(probe).Check(check, timeout=1).status != \
+                    health_pb2.HealthCheckResponse.SERVING:
+                return False
+            return _shape(worker_pb2_grpc.WorkerStub(probe).Describe(worker_pb2.DescribeRequest(), timeout=1)) == \
+                _shape(self.info)
+        except Exception:  # down, or the probe channel closed under us by close(): not healthy now
+            return False
+
     def close(self) -> None:
         """Ends the stream and the channel; a later execute() would connect again."""
         if self._stream is not None:
@@ -118,6 +137,9 @@ class RemoteWorker:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+        if getattr(self, "_probe", None) is not None:
+            self._probe.close()
+            self._probe = None
 
     # -- connection -------------------------------------------------------------------------------------------
 
@@ -154,7 +176,12 @@ class RemoteWorker:
     def _open_stream(self) -> None:
         if self._channel is None:  # after a failure: dial again, and make sure it is the worker we sized for
             self._connect()
-            info = self._describe()
+            try:
+                info = self._describe()
+            except WorkerUnavailable:  # still down: the next step dials, and checks, again (not this channel)
+                self._channel.close()
+                self._channel = None
+                raise
             if _shape(info) != _shape(self.info):
                 self.close()
                 raise WorkerUnavailable(self.address, f"it came back as {_shape(info)}, not {_shape(self.info)} "

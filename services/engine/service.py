@@ -141,6 +141,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_logprobs=cfg.max_logprobs,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            tensor_parallel_size=getattr(engine.worker, "tensor_parallel_size", 1),
         )
 
     @rpc_method
@@ -172,12 +173,34 @@ def coalesce(first: list, outputs: asyncio.Queue) -> list[tuple[int, RequestOutp
 
 
 def build_engine(config, worker_address: str | None = None, worker_step_timeout: float = 120.0,
-                 worker_tls=None) -> LLMEngine:
+                 worker_tls=None, collective_timeout: float = 60.0) -> LLMEngine:
+    if worker_address is None and config.tensor_parallel_size > 1:
+        from tessera.engine.worker_group import LocalWorkerGroup
+
+        return LLMEngine(config, worker=LocalWorkerGroup(config, worker_step_timeout, collective_timeout))
     if worker_address is None:
         return LLMEngine(config)
     from tessera.engine.remote_worker import RemoteWorker
 
-    return LLMEngine(config, worker=RemoteWorker(worker_address, step_timeout=worker_step_timeout, tls=worker_tls))
+    worker = RemoteWorker(worker_address, step_timeout=worker_step_timeout, tls=worker_tls)
+    if config.tensor_parallel_size not in (1, worker.tensor_parallel_size):
+        worker.close()
+        raise ValueError(f"--tensor-parallel-size {config.tensor_parallel_size}, but the worker at {worker_address} "
+                         f"is rank 0 of a group of {worker.tensor_parallel_size}")
+    return LLMEngine(config, worker=worker)
+
+
+async def follow_worker(server, worker, every_s: float = 0.5) -> None:
+    """The engine is SERVING while its remote worker (or each rank of its group) is: NOT_SERVING while one is
+    down or restarting, and SERVING again, without an engine restart, once it is back."""
+    serving = True
+    while True:
+        await asyncio.sleep(every_s)
+        healthy = await asyncio.to_thread(worker.healthy)
+        if healthy != serving and not server.gate.draining:
+            serving = healthy
+            await server.set_serving(serving)
+            log.warning("worker %s: engine %s", "back" if serving else "down", "SERVING" if serving else "NOT_SERVING")
 
 
 def warm_up(engine: LLMEngine) -> None:
@@ -194,7 +217,7 @@ async def serve_engine(config, port: int, *, worker_address: str | None = None, 
                        metrics_port: int | None = None, max_queue: int = 256, model_name: str | None = None,
                        grace_seconds: float = 30.0, worker_step_timeout: float = 120.0,
                        limits: Limits = Limits(), max_request_bytes: int = MAX_REQUEST_BYTES,
-                       tls=None, worker_tls=None) -> None:
+                       tls=None, worker_tls=None, collective_timeout: float = 60.0) -> None:
     """tls: a serving.ServerTls to serve TLS with; worker_tls: a serving.ClientTls for the remote worker."""
     from pathlib import Path
 
@@ -208,7 +231,7 @@ async def serve_engine(config, port: int, *, worker_address: str | None = None, 
     started = time.perf_counter()
 
     def build() -> LLMEngine:  # on the engine loop's thread, which runs all of the engine's compute
-        engine = build_engine(config, worker_address, worker_step_timeout, worker_tls)
+        engine = build_engine(config, worker_address, worker_step_timeout, worker_tls, collective_timeout)
         log.info("model loaded in %.1f s; warming up", time.perf_counter() - started)
         warm_up(engine)
         return engine
@@ -226,7 +249,12 @@ async def serve_engine(config, port: int, *, worker_address: str | None = None, 
         server.serve_metrics(metrics_port, engine.stats)
     await server.set_serving(True)
     log.info("engine ready on port %d (%.1f s)", bound, time.perf_counter() - started)
+    follower = asyncio.create_task(follow_worker(server, engine.worker)) if hasattr(engine.worker, "healthy") else None
     try:
         await server.serve_until_signalled()
     finally:
+        if follower is not None:
+            follower.cancel()
         engine_loop.shutdown()
+        if hasattr(engine.worker, "close"):  # a worker group's processes go with the engine
+            engine.worker.close()

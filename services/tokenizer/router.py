@@ -34,6 +34,10 @@ log = logging.getLogger("tessera.tokenizer")
 # dns:///host:port or dns:host:port; dns://server/host:port (a DNS server of its own) is left to gRPC.
 DNS_TARGET = re.compile(r"dns:(?:///)?(\[[^\]/]+\]|[^:/\[\]]+):(\d+)")
 Resolver = Callable[[str, int], Awaitable[list[str]]]  # (host, port) -> IP addresses
+# gRPC's default reconnect backoff grows to 120 s, so an engine back from a long outage (a restart that loads a
+# big model) would stay unused for up to two minutes more; redial a down engine at least every 2 s instead.
+ENGINE_CHANNEL = [*CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+                  ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
@@ -91,11 +95,11 @@ class EngineRouter:
 
     def _open(self, address: str, target: DnsTarget | None = None) -> EngineHandle:
         if self.tls is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(address, options=ENGINE_CHANNEL)
         else:
             # A resolved address is an IP: the certificate is checked against the name it was resolved from.
             name = [("grpc.ssl_target_name_override", target.host)] if target is not None else []
-            channel = grpc.aio.secure_channel(address, self.tls.credentials(), options=[*CHANNEL_OPTIONS, *name])
+            channel = grpc.aio.secure_channel(address, self.tls.credentials(), options=[*ENGINE_CHANNEL, *name])
         return EngineHandle(address, channel, engine_pb2_grpc.EngineStub(channel), target=target)
 
     async def start(self) -> None:

@@ -17,6 +17,7 @@ from tessera.worker.attention.backend import AttentionBackend
 from tessera.model_config import CheckpointError, ModelConfig
 from tessera.worker.models import model_class
 from tessera.worker.models.rope import RotaryEmbedding
+from tessera.worker.tensor_parallel import SINGLE, TensorParallel
 
 __all__ = ["CheckpointError", "checkpoint_files", "iter_weights", "load_model"]
 
@@ -46,26 +47,28 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     raise CheckpointError(f"{single}: not found, and no {INDEX_FILE} either{pickled}")
 
 
-def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, CPU tensor) for every tensor in the checkpoint, one at a time."""
+def iter_weights(model_dir: str | Path, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, CPU tensor) for every tensor in the checkpoint, one at a time. lazy: a safetensors
+    slice instead, read when indexed (valid until the next item), so that a rank reads only its part."""
     for path in checkpoint_files(model_dir):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name) if lazy else f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
 
 
 def load_model(model_dir: str | Path, attn_backend: AttentionBackend, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
-    """Build the model for the checkpoint's architecture with its weights in `dtype` (default: the checkpoint's)."""
+               device: str | torch.device = "cpu", tp: TensorParallel = SINGLE) -> tuple[nn.Module, ModelConfig]:
+    """Build the model for the checkpoint's architecture with its weights in `dtype` (default: the checkpoint's);
+    under tensor parallelism, this rank's shard, reading only its part of each tensor."""
     config = ModelConfig.from_pretrained(model_dir, dtype)
     # Build on the meta device, then allocate: random init would be wasted, every weight comes from the checkpoint.
     with torch.device("meta"), _default_dtype(config.dtype):
-        model = model_class(config.architecture)(config, attn_backend)
+        model = model_class(config.architecture)(config, attn_backend, tp)
     model.to_empty(device=device)
-    model.load_weights(iter_weights(model_dir))
+    model.load_weights(iter_weights(model_dir, lazy=True))
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):  # computed, not loaded, so to_empty left it blank
             module.cos_sin_cache = module.compute_cache().to(device)

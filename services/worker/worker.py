@@ -2,6 +2,12 @@
 
 Each step it takes a StepPlan (deltas only; it keeps each request's tokens and block table itself), lays the
 scheduled tokens out as one flat ragged batch, runs one forward pass, samples, and returns the tokens.
+
+Under tensor parallelism (tensor_parallel.py) every rank is a Worker holding its shard and its heads' part of
+the KV cache. Rank 0 takes the plan and broadcasts it; the others wait for it in follow(). All ranks run the
+same forward pass; rank 0 alone samples (the logits are gathered there, so one sampler with one set of seeded
+generators decides, with no need to keep N of them in step) and broadcasts the sampled ids, which every rank
+appends to its copy of the request's tokens.
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from tessera.model_config import ModelConfig
 from tessera.worker.models.int8_linear import QUANTIZATIONS, quantize_linear_layers
 from tessera.worker.models.packed_linear import pack_linear_layers, resolve_cpu_matmul
 from tessera.worker.sampler import Sampler, SamplingRow, top_logprobs
-from tessera.sampling_params import SamplingParams
+from tessera.worker.tensor_parallel import SINGLE, TensorParallel
+from tessera.sampling_params import InvalidParam, SamplingParams
 from tessera.step import StepPlan, StepResult, TokenLogprobs
 
 log = logging.getLogger("tessera.worker")
@@ -36,6 +43,12 @@ class WorkerConfig:
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     cpu_matmul: str = "auto"  # CPU linear layers: onednn (pre-packed weights) or aten; auto: onednn where it runs
     quantization: str | None = None  # CPU: "int8" linear layers (models/int8_linear.py)
+    tensor_parallel_size: int = 1  # ranks sharing the model (tensor_parallel.py); this one is $RANK
+    collective_timeout: float = 60.0  # seconds a rank waits at a collective before the group counts as broken
+
+
+RESET = "reset"  # what rank 0 broadcasts instead of a plan when the engine reconnects
+KEEPALIVE = "keepalive"  # ... and when no step has run for a while
 
 
 @dataclass
@@ -48,7 +61,9 @@ class _RequestState:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, attn_backend: AttentionBackend | None = None):
+    def __init__(self, config: WorkerConfig, attn_backend: AttentionBackend | None = None,
+                 tp: TensorParallel = SINGLE):
+        self.tp = tp
         self.device = resolve_device(config.device)
         self.attn_backend = attn_backend or attention_backend_for(self.device)
         dtype = config.dtype
@@ -59,7 +74,7 @@ class Worker:
                 name, ours = str(checkpoint_dtype).removeprefix("torch."), str(dtype).removeprefix("torch.")
                 why = "this CPU has native bf16 (AVX512-BF16 or AMX)" if self.device.type == "cpu" else self.device.type
                 log.info("serving the %s checkpoint in %s: %s; --dtype %s keeps %s", name, ours, why, name, name)
-        self.model, self.model_config = load_model(config.model, self.attn_backend, dtype, self.device)
+        self.model, self.model_config = load_model(config.model, self.attn_backend, dtype, self.device, tp)
         mc: ModelConfig = self.model_config
         if self.device.type == "cpu":
             keep_large_allocations_in_heap()
@@ -77,9 +92,11 @@ class Worker:
         if self.cpu_matmul == "onednn":
             log.info("oneDNN matmuls: %d linear layers packed", pack_linear_layers(self.model))
         self.block_size = config.block_size
-        bytes_per_block = mc.kv_bytes_per_token * config.block_size
-        self.num_blocks = config.num_kv_blocks or max(config.kv_cache_memory // bytes_per_block, 1)
-        shape = self.attn_backend.kv_cache_shape(self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's
+        bytes_per_block = 2 * mc.num_hidden_layers * kv_heads * mc.head_dim * mc.dtype.itemsize * config.block_size
+        # One block table for all ranks: the count every rank's budget holds.
+        self.num_blocks = tp.min_int(config.num_kv_blocks or max(config.kv_cache_memory // bytes_per_block, 1))
+        shape = self.attn_backend.kv_cache_shape(self.num_blocks, self.block_size, kv_heads, mc.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_hidden_layers)]
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %s backend)",
@@ -90,12 +107,57 @@ class Worker:
         self.requests: dict[str, _RequestState] = {}
         self.cuda_graphs = None
         graphs_ok = getattr(self.attn_backend, "supports_cuda_graphs", False)
-        if self.device.type == "cuda" and graphs_ok and not config.enforce_eager:
+        if self.device.type == "cuda" and graphs_ok and not config.enforce_eager and tp.size == 1:
             from tessera.worker.cuda_graphs import CudaGraphRunner
 
             self.cuda_graphs = CudaGraphRunner(self.model, self.kv_caches, self.block_size, mc.max_model_len)
             self.cuda_graphs.capture()
             log.info("CUDA graphs captured for decode batch sizes %s", self.cuda_graphs.batch_sizes)
+
+    def check_plan(self, plan: StepPlan) -> None:
+        """InvalidParam for a plan that no engine sends, before it changes anything: a worker process serves
+        whoever connects, and the plan indexes its tensors. Every id, token and block in range; every scheduled
+        token within its request's tokens and block table; at most one KV slot's worth of tokens per step."""
+        mc = self.model_config
+        gone, new = set(plan.finished_request_ids), {r.request_id: r for r in plan.new_requests}
+
+        def blocks_ok(field: str, block_ids) -> None:
+            bad = next((b for b in block_ids if not 0 <= b < self.num_blocks), None)
+            if bad is not None:
+                raise InvalidParam(field, f"block {bad} is outside the KV cache [0, {self.num_blocks})")
+
+        for request_id, r in new.items():
+            field = f"plan.new_requests[{request_id[:64]!r}]"
+            if not 0 < len(r.token_ids) <= mc.max_model_len:
+                raise InvalidParam(field, f"{len(r.token_ids)} tokens; 1 to max_model_len {mc.max_model_len} fit")
+            if next((t for t in r.token_ids if not 0 <= t < mc.vocab_size), None) is not None:
+                raise InvalidParam(field, f"a token id outside the vocabulary [0, {mc.vocab_size})")
+            if not (0 < r.num_prompt_tokens <= len(r.token_ids) and r.num_computed_tokens <= len(r.token_ids)):
+                raise InvalidParam(field, "num_prompt_tokens and num_computed_tokens must be within token_ids")
+            blocks_ok(field, r.block_ids)
+            r.params.validate(mc.vocab_size, max_logprobs=mc.vocab_size)
+        for request_id, block_ids in plan.new_block_ids.items():
+            if request_id not in new and (request_id not in self.requests or request_id in gone):
+                raise InvalidParam("plan.new_block_ids", f"request {request_id[:64]!r} is not known to this worker")
+            blocks_ok("plan.new_block_ids", block_ids)
+        for request_id, num_tokens in plan.num_scheduled_tokens.items():
+            field = f"plan.num_scheduled_tokens[{request_id[:64]!r}]"
+            state = new.get(request_id) or (self.requests.get(request_id) if request_id not in gone else None)
+            if state is None:
+                raise InvalidParam(field, "not a request known to this worker")
+            end = state.num_computed_tokens + num_tokens
+            num_blocks = len(state.block_ids) + len(plan.new_block_ids.get(request_id, ()))
+            if num_tokens < 1 or end > len(state.token_ids) or end > num_blocks * self.block_size:
+                raise InvalidParam(field, f"{num_tokens} tokens from {state.num_computed_tokens}: past the "
+                                          f"request's {len(state.token_ids)} tokens or its {num_blocks} blocks")
+        if plan.total_tokens > self.num_blocks * self.block_size:
+            raise InvalidParam("plan.num_scheduled_tokens", f"{plan.total_tokens} tokens in one step; the KV cache "
+                                                            f"holds {self.num_blocks * self.block_size}")
+        words = (mc.vocab_size + 31) // 32
+        for request_id, mask in plan.token_masks.items():
+            if mask.numel() != words:
+                raise InvalidParam(f"plan.token_masks[{request_id[:64]!r}]",
+                                   f"{mask.numel()} words; the vocabulary needs {words}")
 
     def _apply_plan(self, plan: StepPlan) -> None:
         """Brings the cached request state up to date with the plan's deltas."""
@@ -108,8 +170,37 @@ class Worker:
         for request_id, block_ids in plan.new_block_ids.items():
             self.requests[request_id].block_ids.extend(block_ids)
 
-    @torch.inference_mode()
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.tp.size
+
     def execute(self, plan: StepPlan) -> StepResult:
+        """On rank 0 (the only rank an engine talks to): the step on every rank."""
+        return self._execute(self.tp.broadcast_object(plan))
+
+    def keepalive(self) -> None:
+        """Rank 0, while idle: the other ranks wait for the next plan at a collective, which would time out."""
+        self.tp.broadcast_object(KEEPALIVE)
+
+    def reset(self) -> None:
+        """Forget every request, on every rank (a new engine connection starts from nothing)."""
+        self.tp.broadcast_object(RESET)
+        self.requests.clear()
+
+    def follow(self) -> None:
+        """Ranks other than 0: run each step rank 0 broadcasts, until it broadcasts None (shutdown)."""
+        while (plan := self.tp.broadcast_object()) is not None:
+            if plan == RESET:
+                self.requests.clear()
+            elif plan != KEEPALIVE:
+                self._execute(plan)
+
+    def stop_followers(self) -> None:
+        if self.tp.size > 1:
+            self.tp.broadcast_object(None)
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan) -> StepResult:
         self._apply_plan(plan)
         if not plan.num_scheduled_tokens:
             return StepResult()
@@ -151,9 +242,16 @@ class Worker:
             state.num_computed_tokens = end
 
         result = StepResult()
+        if not (sample_rows or prompt_rows):  # a prefill chunk that samples nothing: no logits (on every rank)
+            return result
         logits = self.model.compute_logits(hidden[self._tensor(sample_rows + prompt_rows)])
+        if logits is None:  # a rank other than 0: take rank 0's tokens
+            for (_, state), token_id in zip(sampling, self.tp.broadcast_ids([0] * len(sampling)), strict=True):
+                state.token_ids.append(token_id)
+            return result
         if sampling:
             self._sample(logits[: len(sample_rows)], sampling, result, plan.token_masks)
+            self.tp.broadcast_ids([result.sampled_token_ids[request_id] for request_id, _ in sampling])
         if prompt_rows:
             self._prompt_logprobs(logits[len(sample_rows) :], prompt_targets, result)
         return result

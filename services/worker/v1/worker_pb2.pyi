@@ -162,7 +162,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model_path", "architecture", "vocab_size", "max_model_len", "eos_token_ids", "dtype", "device", "attention_backend", "num_blocks", "block_size", "kv_bytes_per_token", "kv_cache_bytes")
+    __slots__ = ("model_path", "architecture", "vocab_size", "max_model_len", "eos_token_ids", "dtype", "device", "attention_backend", "num_blocks", "block_size", "kv_bytes_per_token", "kv_cache_bytes", "tensor_parallel_size")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class DescribeResponse(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     architecture: str
     vocab_size: int
@@ -187,4 +188,5 @@ class DescribeResponse(_message.Message):
     block_size: int
     kv_bytes_per_token: int
     kv_cache_bytes: int
-    def __init__(self, model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., attention_backend: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...

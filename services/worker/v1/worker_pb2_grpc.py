@@ -59,7 +59,9 @@ class WorkerServicer:
         """One step per message, in order: the engine sends a plan, the worker runs it and answers with the
         result before the engine sends the next plan. The worker's per-request state (tokens, parameters,
         block table) lives as long as the stream: a new stream starts knowing no requests. A failed step
-        ends the stream with a status (INTERNAL for a device error, never UNKNOWN).
+        ends the stream with a status, never UNKNOWN: INVALID_ARGUMENT for a plan no engine sends (checked
+        before it changes anything), INTERNAL for a device error, UNAVAILABLE when a tensor-parallel group
+        broke (a rank died or hung).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
