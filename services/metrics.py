@@ -16,6 +16,15 @@ TIME_PER_OUTPUT_TOKEN = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 
+# A worker process's steps (rank 0 of a tensor-parallel group: the ranks run in lockstep, so its step time is
+# the group's), and how much of that went to collectives (waiting for the other ranks included).
+WORKER_STEP = Histogram(
+    "tessera_worker_step_seconds", "One step on the worker: plan in, sampled tokens out",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)
+COLLECTIVE_SECONDS = Counter("tessera_collective_seconds",
+                             "Tensor parallelism: time rank 0 spent in all-reduces, gathers and broadcasts")
+
 GAUGES = {
     "num_running": "Requests running in the current step set",
     "num_waiting": "Requests queued, not yet admitted (the queue length)",

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from tessera.limits import MAX_WORKER_REQUEST_BYTES
+from tessera.metrics import COLLECTIVE_SECONDS, WORKER_STEP
 from tessera.serving import RpcError, Server, rpc_method
 from tessera.step import plan_from_proto, result_to_proto
 from tessera.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -110,7 +111,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await self._run(worker.reset)
             async for request in request_iterator:
                 try:
+                    started, collectives = time.perf_counter(), worker.tp.collective_seconds
                     result = await self._run(step, worker, request.plan)
+                    WORKER_STEP.observe(time.perf_counter() - started)
+                    COLLECTIVE_SECONDS.inc(worker.tp.collective_seconds - collectives)
                     self.last_step = time.monotonic()
                 except GroupBroken as error:
                     self.broken = True
