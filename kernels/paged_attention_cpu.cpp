@@ -118,7 +118,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
 
 }  // namespace
 
-TORCH_LIBRARY(tessera, m) {
+TORCH_LIBRARY_FRAGMENT(tessera, m) {  // a fragment: int8_linear_cpu.cpp adds to the namespace
   m.def("paged_decode_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
         "Tensor seq_lens, float scale, int window) -> Tensor");
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));

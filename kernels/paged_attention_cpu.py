@@ -1,4 +1,5 @@
-"""The native CPU paged decode-attention kernel (paged_attention_cpu.cpp): built on first use, then loaded.
+"""The native CPU kernels: paged decode attention (paged_attention_cpu.cpp) and the int8 linear layer for a few
+rows (int8_linear_cpu.cpp), each its own library, built on first use, then loaded.
 
 The PyTorch backend gathers every decode's KV blocks into a padded copy before SDPA, which moves the KV cache
 through memory three times; the kernel reads each block in place once. It is compiled with the machine's C++
@@ -23,7 +24,13 @@ import torch
 
 log = logging.getLogger("tessera.kernels")
 
-SOURCE = Path(__file__).with_suffix(".cpp")
+SOURCE = Path(__file__).with_suffix(".cpp")  # the attention kernel
+# kernel -> (source, op it registers, whether -ffast-math may reorder its float math). The attention's dot products
+# want reassociation; the int8 layer must round exactly as its PyTorch path does (true division, no reciprocals).
+KERNELS = {
+    "paged_attention": (SOURCE, "paged_decode_attention", True),
+    "int8_linear": (SOURCE.with_name("int8_linear_cpu.cpp"), "int8_linear_rows", False),
+}
 ISA_FLAGS = {  # what torch.backends.cpu.get_cpu_capability() reports -> the flags that let loops use it
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -38,36 +45,39 @@ def enabled() -> bool:
     return os.environ.get("TESSERA_NATIVE_CPU_KERNELS", "1") != "0"
 
 
-def load():
-    """torch.ops.tessera.paged_decode_attention, building it if needed; None when it cannot be had."""
+def load(kernel: str = "paged_attention"):
+    """The kernel's op (torch.ops.tessera.paged_decode_attention by default), building it if needed; None when it
+    cannot be had."""
     if not enabled():
         return None
     with _lock:
-        if "op" not in _loaded:
-            _loaded["op"] = _build()
-        return _loaded["op"]
+        if kernel not in _loaded:
+            _loaded[kernel] = _build(kernel=kernel)
+        return _loaded[kernel]
 
 
-def build_directory(capability: str | None = None) -> Path:
+def build_directory(capability: str | None = None, kernel: str = "paged_attention") -> Path:
     """$TORCH_EXTENSIONS_DIR/tessera/<name>: one build per vector ISA, torch version and source, since each
     changes the binary and venvs may share the cache."""
     capability = capability or torch.backends.cpu.get_cpu_capability()
-    source = SOURCE.read_bytes() + repr(ISA_FLAGS.get(capability, [])).encode()
+    path, _, fast_math = KERNELS[kernel]
+    source = path.read_bytes() + repr((ISA_FLAGS.get(capability, []), fast_math)).encode()
     digest = hashlib.sha256(source).hexdigest()[:12]
-    name = f"paged_attention_cpu_{capability.lower()}_torch{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{digest}"
+    name = f"{path.stem}_{capability.lower()}_torch{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{digest}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     return Path(root) / "tessera" / name
 
 
-def _build(capability: str | None = None):
+def _build(capability: str | None = None, kernel: str = "paged_attention"):
     capability = capability or torch.backends.cpu.get_cpu_capability()
-    directory = build_directory(capability)
+    path, op, fast_math = KERNELS[kernel]
+    directory = build_directory(capability, kernel)
     library = directory / f"tessera_{directory.name}.so"
     start = time.perf_counter()
     try:
         if (directory / BUILT).exists():  # built before (an image, an earlier start): no compiler needed
             torch.ops.load_library(str(library))
-            return torch.ops.tessera.paged_decode_attention
+            return getattr(torch.ops.tessera, op)
         from torch.utils import cpp_extension
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -77,23 +87,25 @@ def _build(capability: str | None = None):
             # so a torch lock file found then is stale.
             fcntl.flock(lock, fcntl.LOCK_EX)
             (directory / "lock").unlink(missing_ok=True)
-            log.info("building the native CPU attention kernel for %s (first start on this machine, ~20 s)...", capability)
+            log.info("building the native CPU %s kernel for %s (first start on this machine, ~20 s)...", kernel,
+                     capability)
             cpp_extension.load(
                 name=f"tessera_{directory.name}",
-                sources=[str(SOURCE)],
+                sources=[str(path)],
                 # -ffast-math lets the dot products reassociate into vector lanes; scores are never inf or NaN.
-                extra_cflags=["-O3", "-ffast-math", "-fopenmp", *ISA_FLAGS.get(capability, [])],
+                extra_cflags=["-O3", *(["-ffast-math"] if fast_math else []), "-fopenmp",
+                              *ISA_FLAGS.get(capability, [])],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(directory),
                 is_python_module=False,
             )
             (directory / BUILT).touch()  # last: a build killed before this point is redone
     except Exception as e:  # no compiler, no ninja, a read-only cache...: the PyTorch path still works
-        log.warning("native CPU attention kernel unavailable, using PyTorch gather + SDPA instead: %s",
+        log.warning("native CPU %s kernel unavailable, using its PyTorch path instead: %s", kernel,
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return None
-    log.info("native CPU attention kernel ready (%s, %.1f s)", capability, time.perf_counter() - start)
-    return torch.ops.tessera.paged_decode_attention
+    log.info("native CPU %s kernel ready (%s, %.1f s)", kernel, capability, time.perf_counter() - start)
+    return getattr(torch.ops.tessera, op)
 
 
 if __name__ == "__main__":
@@ -103,4 +115,4 @@ if __name__ == "__main__":
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(0 if _build(sys.argv[1] if len(sys.argv) > 1 else None) else 1)
+    sys.exit(0 if all(_build(sys.argv[1] if len(sys.argv) > 1 else None, kernel) for kernel in KERNELS) else 1)

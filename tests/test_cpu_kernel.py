@@ -171,4 +171,4 @@ def test_a_complete_cpu_kernel_build_loads_with_no_compiler(tmp_path):
     (copy / paged_attention_cpu.BUILT).unlink()
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split()[-1] == "False", out.stderr[-2000:]
-    assert "native CPU attention kernel unavailable" in out.stderr
+    assert "native CPU paged_attention kernel unavailable" in out.stderr

@@ -1,5 +1,5 @@
-"""`--quantization int8`: int8 linear layers (per-channel weights, per-token activations, oneDNN's int8 GEMM)
-against float32, from one layer to the demo model's perplexity and greedy completions, in-process and served."""
+"""`--quantization int8`: int8 linear layers (per-channel weights, per-token activations, oneDNN's int8 GEMM, and
+the native kernel for a few rows) against float32, from one layer to the demo model's perplexity and greedy completions, in-process and served."""
 from __future__ import annotations
 
 import math
@@ -39,6 +39,41 @@ def test_an_int8_layer_is_within_int8_rounding_of_float32(rows):
     # bf16 activations come back in bf16; a zero row stays zero (plus the bias).
     assert layer(x.bfloat16()).dtype == torch.bfloat16
     assert torch.allclose(layer(torch.zeros(2, 64)), bias.expand(2, 96))
+
+
+NATIVE_CHECK = """
+import torch
+from tessera.worker.models.int8_linear import NATIVE_ROWS, Int8Linear
+torch.manual_seed(0)
+for k, n in ((512, 1024), (1408, 96), (77, 33)):  # 77: not a whole number of vector widths
+    for bias in (None, torch.randn(n)):
+        layer = Int8Linear(torch.randn(n, k) / k ** 0.5, bias)
+        assert layer.native is not None, "the native int8 kernel did not build"
+        for dtype in (torch.float32, torch.bfloat16):
+            for rows in range(1, NATIVE_ROWS + 1):
+                x = (torch.randn(rows, k) * 3).to(dtype)
+                x[0] = 0.0  # an all-zero row: scale 1
+                native = layer(x)
+                kernel, layer.native = layer.native, None
+                reference = layer(x)  # the PyTorch path: quantize, oneDNN's GEMM, rescale
+                layer.native = kernel
+                assert native.dtype == reference.dtype and torch.equal(native, reference), (k, n, dtype, rows)
+print("identical")
+"""
+
+
+@pytest.mark.parametrize("dot", ["best", "avx512bw", "plain"])
+def test_the_native_int8_kernel_for_a_few_rows_is_bit_for_bit_the_pytorch_path(dot):
+    """Each of its dot products (VNNI where the CPU has it, AVX512-BW, plain C++; a forced one the CPU lacks
+    falls back to the next), in a process of its own since the choice is made once."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TESSERA_INT8_DOT": dot}
+    result = subprocess.run([sys.executable, "-c", NATIVE_CHECK], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0 and "identical" in result.stdout, result.stderr[-2000:]
 
 
 def test_quantize_rows_is_symmetric_per_row():

@@ -7,6 +7,11 @@ is oneDNN's int8 GEMM: AVX512-VNNI (or AMX-INT8) dot products on both AMD and In
 fp32's weight bytes, and at batch sizes where decode is bound by streaming weights that is most of the step.
 The int32 result is rescaled by both scales into the activations' dtype.
 
+For a decode step of one to a few requests (at most NATIVE_ROWS rows) the layer runs as one native kernel
+instead (kernels/int8_linear_cpu.cpp): the same arithmetic in one pass, reading each weight row once, with the
+same result bit for bit; oneDNN's GEMM streams the weights at a fraction of the bandwidth at one row, and the
+quantization and rescaling around it are a dozen small ops.
+
 Chosen over the alternatives measured side by side (2-core EPYC, AVX512-VNNI): ATen's weight-only
 _weight_int8pack_mm was 1.6x faster than fp32 for one token but 2-4x slower than fp32 from 16 rows on;
 FBGEMM's dynamic quantized linear was as fast but scales activations per tensor and rests on PyTorch's quantized
@@ -17,7 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tessera.kernels import paged_attention_cpu
 from tessera.worker.models.packed_linear import padded_rows, replace_linear_layers
+
+NATIVE_ROWS = 4  # up to this many rows (decode of a few requests) the native kernel; above, oneDNN's GEMM
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,12 +43,17 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         values, scale = quantize_rows(weight.detach())
-        self.weight_t = values.t()  # [in, out]: _int_mm's layout, a view of the row-major weight
+        self.weight = values  # [out, in], row-major: the native kernel's layout
+        self.weight_sums = values.sum(dim=1, dtype=torch.int32)  # the kernel's VNNI path takes them back off
+        self.weight_t = values.t()  # [in, out]: _int_mm's layout, a view of the same bytes
         self.weight_scale = scale.reshape(1, -1)  # [1, out]
         self.bias = None if bias is None else bias.detach().float().clone()
+        self.native = paged_attention_cpu.load("int8_linear")  # None without a compiler: oneDNN only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if rows <= NATIVE_ROWS and self.native is not None:
+            return self.native(x, self.weight, self.weight_scale, self.weight_sums, self.bias)
         padded = padded_rows(rows)  # oneDNN compiles per row count, as in packed_linear.py
         values, scale = quantize_rows(x)
         if padded != rows:

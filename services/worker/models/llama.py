@@ -199,9 +199,11 @@ class LlamaForCausalLM(nn.Module):
             if shape != full_shape:
                 raise CheckpointError(f"tensor '{name}' has shape {shape}, expected {full_shape}")
             slot.copy_(tensor[index])
-        for table in (getattr(self, "lm_head", None), self.embed_tokens):
-            if table is not None:  # the last rank's padding rows: never a real token
-                table.weight[self.config.vocab_size - self.tp.rank * self.vocab_rows:].zero_()
+        v0, v1 = self.tp.vocab(self.config.vocab_size)
+        if v1 - v0 < self.vocab_rows:  # the last rank's padding rows: never a real token (and never NaN)
+            for table in (getattr(self, "lm_head", None), self.embed_tokens):
+                if table is not None:
+                    table.weight[v1 - v0:].zero_()
         missing = sorted(slots.keys() - loaded)
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -234,7 +236,9 @@ class LlamaForCausalLM(nn.Module):
                 full = list(view.shape)
                 if part in rows:
                     (a, b), index = rows[part], (slice(rows[part][0], rows[part][1]),)
-                    view, full[0] = view[: b - a], full_rows[part]  # the vocabulary's padding rows stay out
+                    full[0] = full_rows[part]
+                    if b - a < view.shape[0]:  # the vocabulary's padding rows stay out (a view only then: XLA
+                        view = view[: b - a]  # turns a copy into a view into a pending op of the first graph)
                 elif part in columns and kind == "weight":
                     index, full[1] = (slice(None), slice(*columns[part])), full_columns[part]
                 else:

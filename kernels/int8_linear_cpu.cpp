@@ -1,0 +1,142 @@
+// The int8 linear layer (services/worker/models/int8_linear.py) for a few rows at a time: a decode step of one
+// to a few requests. oneDNN's int8 GEMM (torch._int_mm) is built for big batches; for one row it streams the
+// weights at a fraction of the memory bandwidth, and the layer's activation quantization and rescaling cost a
+// dozen small PyTorch ops more. Here one pass quantizes the rows, reads each weight row once for all of them
+// and writes the rescaled result: the same arithmetic in the same order, so the output is bit for bit the one
+// of the PyTorch path (integer sums are exact; every float step is the same IEEE operation).
+//
+// Built by kernels/paged_attention_cpu.py without -ffast-math (the divisions must stay divisions), registered as
+// torch.ops.tessera.int8_linear_rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// sum_i q[i] * w[i] over k int8s, exactly, three ways. With AVX512-VNNI: vpdpbusd multiplies unsigned by signed
+// bytes, so q is shifted to u = q + 128 (made once per row of x) and 128 * sum(w) is taken back off (the
+// layer keeps each weight row's sum). Else AVX512-BW: bytes widened to int16, vpmaddwd. Else plain C++.
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) int32_t dot_vnni(const uint8_t* u, const int8_t* w,
+                                                                         int64_t k, int32_t w_sum) {
+  __m512i acc = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64)
+    acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(u + i), _mm512_loadu_si512(w + i));
+  int32_t total = _mm512_reduce_add_epi32(acc);
+  for (; i < k; ++i) total += static_cast<int32_t>(u[i]) * static_cast<int32_t>(w[i]);
+  return total - 128 * w_sum;
+}
+
+__attribute__((target("avx512f,avx512bw"))) int32_t dot_avx512bw(const int8_t* q, const int8_t* w, int64_t k) {
+  __m512i acc = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    const __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i)));
+    const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
+    acc = _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+  }
+  int32_t total = _mm512_reduce_add_epi32(acc);
+  for (; i < k; ++i) total += static_cast<int32_t>(q[i]) * static_cast<int32_t>(w[i]);
+  return total;
+}
+
+int32_t dot_plain(const int8_t* q, const int8_t* w, int64_t k) {
+  int32_t total = 0;
+  for (int64_t i = 0; i < k; ++i) total += static_cast<int32_t>(q[i]) * static_cast<int32_t>(w[i]);
+  return total;
+}
+
+enum class Dot { vnni, avx512bw, plain };
+
+// The best this CPU runs; TESSERA_INT8_DOT=avx512bw or plain picks a lesser one (the tests check each).
+Dot best_dot() {
+  static const Dot dot = [] {
+    const char* forced = std::getenv("TESSERA_INT8_DOT");
+    const bool bw = __builtin_cpu_supports("avx512bw"), vnni = bw && __builtin_cpu_supports("avx512vnni");
+    if (forced != nullptr && std::strcmp(forced, "plain") == 0) return Dot::plain;
+    if (forced != nullptr && std::strcmp(forced, "avx512bw") == 0 && bw) return Dot::avx512bw;
+    return vnni ? Dot::vnni : bw ? Dot::avx512bw : Dot::plain;
+  }();
+  return dot;
+}
+
+// x [m, k] (float32 or bfloat16), weight [n, k] int8, weight_scale [n] float32, weight_sums [n] int32 (each
+// row's sum), bias [n] float32 or none. Returns [m, n] in x's dtype: round(x / s_x) . w * s_x * s_w + b, with
+// s_x = max|x| / 127 per row.
+at::Tensor int8_linear_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                            const at::Tensor& weight_sums, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 2 && weight.size(1) == x.size(1),
+              "int8_linear_rows: x [m, k] and weight [n, k] on the CPU");
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight_scale.scalar_type() == at::kFloat &&
+                  weight_scale.numel() == weight.size(0),
+              "int8_linear_rows: an int8 weight and one float32 scale per output row");
+  TORCH_CHECK(weight_sums.scalar_type() == at::kInt && weight_sums.numel() == weight.size(0),
+              "int8_linear_rows: one int32 sum per weight row");
+  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
+  const auto xf = x.to(at::kFloat).contiguous();
+  const auto w = weight.contiguous();
+  const auto ws = weight_scale.contiguous();
+  const float* b = nullptr;
+  at::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->to(at::kFloat).contiguous();
+    b = bc.const_data_ptr<float>();
+  }
+
+  // Per row, as quantize_rows does: scale = amax|x| / 127 (1 for an all-zero row), values = round(x / scale)
+  // (half to even, like torch.round) clamped to +-127.
+  const auto sums = weight_sums.contiguous();
+  std::vector<int8_t> q(rows * k);
+  std::vector<float> scale(rows);
+  const float* xp = xf.const_data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(xp[r * k + i]));
+    const float s = amax / 127.0f;
+    scale[r] = s > 0.f ? s : 1.0f;
+    for (int64_t i = 0; i < k; ++i) {
+      const float v = std::nearbyint(xp[r * k + i] / scale[r]);
+      q[r * k + i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+    }
+  }
+
+  const Dot dot = best_dot();
+  std::vector<uint8_t> u(dot == Dot::vnni ? rows * k : 0);
+  for (size_t i = 0; i < u.size(); ++i) u[i] = static_cast<uint8_t>(static_cast<int32_t>(q[i]) + 128);
+  const int32_t* sp = sums.const_data_ptr<int32_t>();
+
+  auto out = at::empty({rows, n}, xf.options());
+  float* op = out.mutable_data_ptr<float>();
+  const int8_t* wp = w.const_data_ptr<int8_t>();
+  const float* wsp = ws.const_data_ptr<float>();
+  // Each weight row is read once, for every row of x, while it is in cache.
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int8_t* wj = wp + j * k;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int32_t acc = dot == Dot::vnni       ? dot_vnni(u.data() + r * k, wj, k, sp[j])
+                            : dot == Dot::avx512bw ? dot_avx512bw(q.data() + r * k, wj, k)
+                                                   : dot_plain(q.data() + r * k, wj, k);
+        float y = static_cast<float>(acc) * scale[r];  // the PyTorch path's order: (acc * s_x) * s_w + b
+        y = y * wsp[j];
+        if (b != nullptr) y = y + b[j];
+        op[r * n + j] = y;
+      }
+    }
+  });
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tessera, m) {
+  m.def("int8_linear_rows(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_sums, Tensor? bias) -> Tensor");
+  m.impl("int8_linear_rows", c10::DispatchKey::CPU, TORCH_FN(int8_linear_rows));
+}
