@@ -17,7 +17,6 @@ import argparse
 import multiprocessing
 import os
 import random
-import socket
 import sys
 import time
 from pathlib import Path
@@ -26,16 +25,10 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_model import build_bench_model, cpu_model  # noqa: E402
-from servers import ServerProcess  # noqa: E402
+from servers import ServerProcess, free_port  # noqa: E402
 from tessera.engine.v1 import engine_pb2, engine_pb2_grpc  # noqa: E402
 
 KV = 256 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def decode_steps(engine, tp, batch: int, steps: int = 16) -> tuple[float, float, float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hf_reference import hf_model
-from servers import ServerProcess
+from servers import ServerProcess, free_port, wait_serving
 from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
 from tessera.sampling_params import SamplingParams
@@ -112,12 +111,6 @@ def test_two_ranks_give_the_tokens_of_one_worker_and_of_transformers(tmp_path_fa
 
 
 # -- each rank loads its shard --------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def rank_weight_bytes(rank: int, model_dir: str, port: int, out) -> None:
     from tessera.worker.attention.torch_backend import TorchAttentionBackend
@@ -227,11 +220,9 @@ def test_a_group_started_by_torchrun_serves_an_engine_through_rank_0(tmp_path_fa
     import subprocess
     import sys
 
-    from servers import free_port as grpc_port, wait_serving
-
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     model_dir = preset_checkpoint(tmp_path_factory, "llama")
-    port = grpc_port()
+    port = free_port()
     group = subprocess.Popen([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "tessera.cli",
                               "--log-level", "WARNING", "worker", "--model", str(model_dir), "--dtype", "float32",
                               "--tensor-parallel-size", "2", "--kv-cache-memory", "1MiB", "--host", "127.0.0.1",
