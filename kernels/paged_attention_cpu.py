@@ -1,5 +1,6 @@
-"""The native CPU kernels: paged decode attention (paged_attention_cpu.cpp) and the int8 linear layer for a few
-rows (int8_linear_cpu.cpp), each its own library, built on first use, then loaded.
+"""The native CPU kernels: paged decode attention (paged_attention_cpu.cpp), the int8 and the float32/bfloat16
+linear layers for a few rows (int8_linear_cpu.cpp, dense_gemv_cpu.cpp) and a layer's small ops fused
+(decode_ops_cpu.cpp), each its own library, built on first use, then loaded.
 
 The PyTorch backend gathers every decode's KV blocks into a padded copy before SDPA, which moves the KV cache
 through memory three times; the kernel reads each block in place once. It is compiled with the machine's C++
@@ -25,11 +26,14 @@ import torch
 log = logging.getLogger("tessera.kernels")
 
 SOURCE = Path(__file__).with_suffix(".cpp")  # the attention kernel
-# kernel -> (source, op it registers, whether -ffast-math may reorder its float math). The attention's dot products
-# want reassociation; the int8 layer must round exactly as its PyTorch path does (true division, no reciprocals).
+# kernel -> (source, the op load() returns (others it registers are in torch.ops.tessera once it is loaded), whether
+# -ffast-math may reorder its float math). The attention's dot products want reassociation; the int8 layer and the
+# small ops must round exactly as their PyTorch paths do (true division, no reciprocals, no fused multiply-adds).
 KERNELS = {
     "paged_attention": (SOURCE, "paged_decode_attention", True),
     "int8_linear": (SOURCE.with_name("int8_linear_cpu.cpp"), "int8_linear_rows", False),
+    "decode_ops": (SOURCE.with_name("decode_ops_cpu.cpp"), "add_rms_norm", False),
+    "dense_gemv": (SOURCE.with_name("dense_gemv_cpu.cpp"), "gemv", False),
 }
 ISA_FLAGS = {  # what torch.backends.cpu.get_cpu_capability() reports -> the flags that let loops use it
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
@@ -60,17 +64,23 @@ def build_directory(capability: str | None = None, kernel: str = "paged_attentio
     """$TORCH_EXTENSIONS_DIR/tessera/<name>: one build per vector ISA, torch version and source, since each
     changes the binary and venvs may share the cache."""
     capability = capability or torch.backends.cpu.get_cpu_capability()
-    path, _, fast_math = KERNELS[kernel]
-    source = path.read_bytes() + repr((ISA_FLAGS.get(capability, []), fast_math)).encode()
+    path = KERNELS[kernel][0]
+    source = path.read_bytes() + repr(compile_flags(capability, kernel)).encode()
     digest = hashlib.sha256(source).hexdigest()[:12]
     name = f"{path.stem}_{capability.lower()}_torch{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{digest}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     return Path(root) / "tessera" / name
 
 
+def compile_flags(capability: str, kernel: str) -> list[str]:
+    # -ffast-math lets the dot products reassociate into vector lanes; scores are never inf or NaN.
+    fast_math = KERNELS[kernel][2]
+    return ["-O3", "-ffast-math" if fast_math else "-ffp-contract=off", "-fopenmp", *ISA_FLAGS.get(capability, [])]
+
+
 def _build(capability: str | None = None, kernel: str = "paged_attention"):
     capability = capability or torch.backends.cpu.get_cpu_capability()
-    path, op, fast_math = KERNELS[kernel]
+    path, op, _ = KERNELS[kernel]
     directory = build_directory(capability, kernel)
     library = directory / f"tessera_{directory.name}.so"
     start = time.perf_counter()
@@ -92,9 +102,7 @@ def _build(capability: str | None = None, kernel: str = "paged_attention"):
             cpp_extension.load(
                 name=f"tessera_{directory.name}",
                 sources=[str(path)],
-                # -ffast-math lets the dot products reassociate into vector lanes; scores are never inf or NaN.
-                extra_cflags=["-O3", *(["-ffast-math"] if fast_math else []), "-fopenmp",
-                              *ISA_FLAGS.get(capability, [])],
+                extra_cflags=compile_flags(capability, kernel),
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(directory),
                 is_python_module=False,

@@ -35,7 +35,8 @@ def test_greedy_is_argmax_with_ties_to_lowest_id():
     logits[3, 9] = logits[3, 40] = 100.0
     rows = [make_row(temperature=0.0, top_k=2, top_p=0.5) for _ in range(8)]  # filters cannot move an argmax
     out = make_sampler()(logits, rows)
-    assert out.token_ids.dtype == torch.int64 and out.logprobs.dtype == torch.float32
+    assert out.token_ids.dtype == torch.int64
+    assert out.logprobs is None  # no row asked: no log_softmax over the vocabulary
     assert torch.equal(out.token_ids, logits.argmax(dim=-1))
     assert out.token_ids[3] == 9
     assert out.top_token_ids is None and out.top_logprobs is None
@@ -60,13 +61,14 @@ def test_logprobs_are_raw_even_when_processing_changes_the_choice():
     logits = random_logits(5)
     before = logits.clone()
     rows = [
-        make_row(temperature=0.0, logit_bias={7: 50.0}),
+        make_row(temperature=0.0, logit_bias={7: 50.0}, logprobs=0),
         make_row(temperature=0.3, logit_bias={11: 50.0}),
         make_row(temperature=0.0, repetition_penalty=1.8, presence_penalty=2.0, output=[int(logits[2].argmax())]),
         make_row(temperature=2.0, top_k=5, seed=3),
         make_row(temperature=0.0),
     ]
-    out = make_sampler()(logits, rows)
+    out = make_sampler()(logits, rows)  # one row asks for logprobs: every row gets its chosen token's
+    assert out.logprobs.dtype == torch.float32
     assert torch.equal(logits, before), "the caller's logits must not be modified"
     assert out.token_ids[0] == 7 and out.token_ids[1] == 11
     assert out.token_ids[2] != logits[2].argmax()
@@ -97,7 +99,7 @@ def test_top_logprobs_sorted_and_consistent():
 
 def test_empty_batch():
     out = make_sampler()(torch.empty(0, VOCAB), [])
-    assert out.token_ids.shape == (0,) and out.logprobs.shape == (0,) and out.top_token_ids is None
+    assert out.token_ids.shape == (0,) and out.logprobs is None and out.top_token_ids is None
 
 
 # --- seeds ---

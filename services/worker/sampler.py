@@ -38,7 +38,7 @@ class SamplingRow:
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # int64 [n]
-    logprobs: torch.Tensor  # float32 [n]: the chosen token's logprob under the raw distribution
+    logprobs: torch.Tensor | None  # float32 [n]: the chosen token's raw logprob; None if no row asked for logprobs
     top_token_ids: torch.Tensor | None  # int64 [n, k], k = max params.logprobs; None if no row asked
     top_logprobs: torch.Tensor | None  # float32 [n, k], descending, raw distribution
 
@@ -61,7 +61,9 @@ class Sampler:
                  token_masks: torch.Tensor | None = None) -> SamplerOutput:
         """`token_masks`: int32 [n, ceil(vocab / 32)] bitsets of the allowed tokens (structured output), or None."""
         logits = logits[:, : self.vocab_size].float()  # columns past the vocabulary pad the lm_head
-        raw_logprobs = logits.log_softmax(dim=-1)
+        # A pass over the whole vocabulary per row: only when some row reports logprobs.
+        wanted = any(row.params.logprobs is not None for row in rows)
+        raw_logprobs = logits.log_softmax(dim=-1) if wanted else None
         if token_masks is not None:
             logits = apply_token_masks(logits, token_masks)
         token_ids = logits.argmax(dim=-1)  # final for plain greedy rows
@@ -77,7 +79,7 @@ class Sampler:
             top_values, top_ids = raw_logprobs.topk(num_top, dim=-1)
         return SamplerOutput(
             token_ids=token_ids,
-            logprobs=raw_logprobs.gather(1, token_ids[:, None]).squeeze(1),
+            logprobs=raw_logprobs.gather(1, token_ids[:, None]).squeeze(1) if wanted else None,
             top_token_ids=top_ids,
             top_logprobs=top_values,
         )

@@ -22,7 +22,7 @@ from tessera.worker.device import attention_backend_for, default_dtype_for, reso
 from tessera.worker.host_allocator import keep_large_allocations_in_heap
 from tessera.model_config import ModelConfig
 from tessera.worker.models.int8_linear import QUANTIZATIONS, quantize_linear_layers
-from tessera.worker.models.packed_linear import pack_linear_layers, resolve_cpu_matmul
+from tessera.worker.models.packed_linear import GEMV_ROWS, pack_linear_layers, resolve_cpu_matmul, use_gemv
 from tessera.worker.sampler import Sampler, SamplingRow, top_logprobs
 from tessera.worker.tensor_parallel import SINGLE, TensorParallel
 from tessera.sampling_params import InvalidParam, SamplingParams
@@ -90,7 +90,9 @@ class Worker:
         else:
             self.cpu_matmul = resolve_cpu_matmul(config.cpu_matmul, self.device, mc.dtype)
         if self.cpu_matmul == "onednn":
-            log.info("oneDNN matmuls: %d linear layers packed", pack_linear_layers(self.model))
+            gemv = use_gemv(self.model, config.cpu_matmul)
+            log.info("oneDNN matmuls: %d linear layers packed%s", pack_linear_layers(self.model, gemv),
+                     f"; up to {GEMV_ROWS} rows on the native GEMV's copy" if gemv else "")
         self.block_size = config.block_size
         kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's
         bytes_per_block = 2 * mc.num_hidden_layers * kv_heads * mc.head_dim * mc.dtype.itemsize * config.block_size
@@ -269,7 +271,8 @@ class Worker:
         ]
         masks = self._stack_masks(sampling, token_masks or {})
         out = self.sampler(logits, rows, masks.to(logits.device) if masks is not None else None)
-        token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
+        token_ids = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
         top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
         top_values = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         for i, (request_id, state) in enumerate(sampling):

@@ -5,9 +5,9 @@ absolute positions; the attention backend knows which tokens belong to which req
 q/k/v and gate/up are each one fused matmul; load_weights splits the Hugging Face tensors into them. Under
 tensor parallelism (tensor_parallel.py) each rank builds its slice of every layer and loads only that slice.
 
-With the Triton attention backend (CUDA, or Triton's CPU interpreter in the tests) the residual add + RMSNorm and
-the rotary embedding also run as fused Triton kernels (kernels/rms_norm.py, kernels/rotary.py), chosen once at
-construction; they round like the PyTorch code, which every other backend (torch on CPU, XLA) keeps running.
+The residual add + RMSNorm, the rotary embedding and SiLU * up may run as fused kernels instead (fused_ops.py:
+Triton's with the Triton backend, the native CPU ones with the PyTorch backend), chosen once at construction; they
+round like the PyTorch code here, which XLA and every fallback keep running.
 """
 from __future__ import annotations
 
@@ -19,22 +19,20 @@ from torch import nn
 
 from tessera.worker.attention.backend import AttentionBackend, AttentionMetadata
 from tessera.model_config import CheckpointError, ModelConfig
+from tessera.worker.models.fused_ops import FusedOps, fused_ops_for
 from tessera.worker.models.rope import RotaryEmbedding, apply_rotary
 from tessera.worker.tensor_parallel import SINGLE, TensorParallel
 
 
 class RMSNorm(nn.Module):
     """(RMSNorm(x + residual), x + residual): the residual add fused in front of the norm, vLLM style; with no
-    residual, (RMSNorm(x), x). `fused`: one Triton kernel pass (x [num_tokens, dim] only) instead of PyTorch ops."""
+    residual, (RMSNorm(x), x). `fused`: one kernel pass (x [num_tokens, dim] only) instead of PyTorch ops."""
 
-    def __init__(self, dim: int, eps: float, fused: bool = False):
+    def __init__(self, dim: int, eps: float, fused: FusedOps | None = None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.kernel = None
-        if fused:  # triton is an optional dependency: import it only on this path
-            from tessera.kernels.rms_norm import rms_norm
-            self.kernel = rms_norm
+        self.kernel = fused.rms_norm if fused is not None else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kernel is not None:
@@ -65,8 +63,8 @@ def span(bounds: tuple[int, int]) -> int:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, attn_backend: AttentionBackend, fused: bool = False,
-                 tp: TensorParallel = SINGLE):
+    def __init__(self, config: ModelConfig, layer: int, attn_backend: AttentionBackend,
+                 fused: FusedOps | None = None, tp: TensorParallel = SINGLE):
         super().__init__()
         self.num_heads = span(tp.heads(config.num_attention_heads))
         self.num_kv_heads = span(tp.kv_heads(config.num_attention_heads, config.num_key_value_heads))
@@ -80,11 +78,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
-        if fused:  # triton is an optional dependency: import it only on this path
-            from tessera.kernels.rotary import apply_rotary_
-            self.rotate = fused_rotary(apply_rotary_)
-        else:
-            self.rotate = eager_rotary
+        self.rotate = fused_rotary(fused.rotary_) if fused is not None else eager_rotary
         self.scale = self.head_dim**-0.5
         self.sliding_window = config.layer_sliding_window(layer)
         self.attn_backend = attn_backend
@@ -103,26 +97,30 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel = SINGLE):
+    def __init__(self, config: ModelConfig, fused: FusedOps | None = None, tp: TensorParallel = SINGLE):
         super().__init__()
+        self.silu_mul = fused.silu_mul if fused is not None and fused.silu_mul is not None else None
         self.intermediate_size = config.intermediate_size // tp.size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.mlp_bias and tp.rank == 0)
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.silu_mul is not None:
+            return self.tp.all_reduce(self.down_proj(self.silu_mul(gate_up)))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, attn_backend: AttentionBackend, fused: bool = False,
-                 tp: TensorParallel = SINGLE):
+    def __init__(self, config: ModelConfig, layer: int, attn_backend: AttentionBackend,
+                 fused: FusedOps | None = None, tp: TensorParallel = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
         self.self_attn = Attention(config, layer, attn_backend, fused, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
-        self.mlp = MLP(config, tp)
+        self.mlp = MLP(config, fused, tp)
 
     def forward(self, x, residual, rope, kv_cache, meta):
         """x: the previous layer's output, not yet added to `residual` (None before the first layer): each norm
@@ -140,7 +138,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         tp.check(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
         self.config, self.tp = config, tp
-        self.fused = attn_backend.name == "triton"  # the fused Triton kernels pay there (fewer memory passes)
+        self.fused = fused_ops_for(attn_backend)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling)
         # Vocabulary-parallel: this rank's rows of the table (the last rank's padded with zeros).
         self.vocab_rows = tp.vocab_rows(config.vocab_size)
@@ -163,7 +161,7 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed(input_ids), None
         # Once per step for every layer: the eager rotary's cos/sin rows, or what the kernel looks them up in.
-        if self.fused:
+        if self.fused is not None:
             rope = (positions, self.rotary_emb.cos_sin_cache)
         else:
             rope = self.rotary_emb(positions, x.dtype)

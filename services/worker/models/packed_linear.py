@@ -8,16 +8,26 @@ logits move by float rounding (~1e-6 relative), not more.
 
 pack_linear_layers(model) swaps every nn.Linear, and the (possibly tied) LM head, for a PackedLinear after the
 weights are loaded: the worker's choice, so load_model keeps returning the plain checkpoint-shaped model.
+
+A decode step of one to GEMV_ROWS requests runs on a second copy of the weight instead, packed for the native
+GEMV kernel (kernels/dense_gemv_cpu.cpp): at one row a matmul only streams its weights, and oneDNN's blocked
+kernels stream them at about half the memory bandwidth (measured: bf16 ~11-14 GB/s vs ~20-31 GB/s for the
+kernel, 2-core EPYC). The copy doubles the linear layers' memory, so it is made only where the CPU runs the
+kernel and the weights take at most a quarter of the memory available at load (`--cpu-matmul onednn`: never).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger("tessera.worker")
+
 CHOICES = ("auto", "onednn", "aten")
+GEMV_ROWS = 4  # up to this many rows, the native GEMV on its own copy of the weight (when there is one)
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)  # what oneDNN's CPU matmul takes; float16 stays on aten
 
 
@@ -36,15 +46,20 @@ def padded_rows(rows: int) -> int:
 class PackedLinear(nn.Module):
     """y = x W^T + b with W held in oneDNN's layout; x is [tokens, in_features]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool = False):
+        """gemv: also keep the weight packed for the native GEMV kernel (loaded by the caller)."""
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         # The batch-size hint only picks the initial blocking; every batch size runs on the same packed weight.
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
         self.bias = None if bias is None else bias.detach().clone()
+        self.gemv_weight = torch.ops.tessera.gemv_pack(weight.detach()) if gemv else None
+        self.gemv_bias = None if bias is None or not gemv else bias.detach().float().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if rows <= GEMV_ROWS and self.gemv_weight is not None:
+            return torch.ops.tessera.gemv(x, self.gemv_weight, self.gemv_bias, self.out_features)
         padded = padded_rows(rows)
         if padded != rows:
             x = F.pad(x, (0, 0, 0, padded - rows))
@@ -52,7 +67,8 @@ class PackedLinear(nn.Module):
         return out[:rows]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"gemv={self.gemv_weight is not None}")
 
 
 def resolve_cpu_matmul(choice: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -89,7 +105,41 @@ def replace_linear_layers(model: nn.Module, make_layer) -> int:
     return count
 
 
-def pack_linear_layers(model: nn.Module) -> int:
-    """Replaces the model's nn.Linear layers and its LM head with PackedLinear; returns how many were packed."""
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights replace_linear_layers would replace (the tied LM head counted once more)."""
+    total = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
+    if not hasattr(model, "lm_head"):
+        total += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total
+
+
+def available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def use_gemv(model: nn.Module, choice: str) -> bool:
+    """Whether PackedLinear keeps a GEMV copy: `auto`, the kernel runs on this CPU for the model's dtype, and the
+    copy fits in a quarter of the memory available now (it doubles the linear layers' bytes)."""
+    if choice != "auto":
+        return False
+    from tessera.kernels import paged_attention_cpu
+
+    dtype = next(model.parameters()).dtype
+    if paged_attention_cpu.load("dense_gemv") is None or not torch.ops.tessera.gemv_available(dtype):
+        return False
+    copy, available = linear_weight_bytes(model), available_memory()
+    if copy > available // 4:
+        log.info("no GEMV copy of the weights for small decode batches: %.0f MiB would exceed a quarter of the "
+                 "%.0f MiB available", copy / 2**20, available / 2**20)
+        return False
+    return True
+
+
+def pack_linear_layers(model: nn.Module, gemv: bool = False) -> int:
+    """Replaces the model's nn.Linear layers and its LM head with PackedLinear; returns how many were packed.
+    gemv: each also keeps a copy for the native GEMV kernel (use_gemv decides)."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", PRIMITIVE_CACHE_CAPACITY)
-    return replace_linear_layers(model, PackedLinear)
+    return replace_linear_layers(model, lambda weight, bias: PackedLinear(weight, bias, gemv))

@@ -1,0 +1,166 @@
+// The small per-layer ops of a Llama step on the CPU, each one pass instead of several PyTorch ops: the residual
+// add + RMSNorm, the rotary embedding (q and k in place) and SiLU(gate) * up. A decode step of one request is
+// ~100 such ops, each a dispatch and a parallel region of its own for a few kilobytes of work, which cost about
+// as much as the layer's matmuls stream; here each is one call.
+//
+// Every step rounds where the PyTorch code in models/llama.py and models/rope.py rounds (to the activations' dtype
+// after each op), so bfloat16 results match it to the last bit but for the float sums' order (RMSNorm's mean)
+// and exp's last float bit (SiLU). Built without -ffast-math and with -ffp-contract=off: a fused multiply-add
+// would skip a rounding the PyTorch code makes. Registered as torch.ops.tessera.{add_rms_norm, rotary_, silu_mul}.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+namespace {
+
+// One value rounded to T the way a PyTorch op producing a T tensor rounds its float result.
+template <typename T>
+inline float round_to(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+constexpr int64_t LANES = 16;  // partial sums, so that the compiler keeps the sum of squares in vector lanes
+
+template <typename T>
+void add_rms_norm_rows(const T* x, const T* residual, const T* weight, T* out, T* sum, int64_t rows, int64_t dim,
+                       float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * dim;
+      T* sr = sum + r * dim;
+      if (residual != nullptr) {  // x + residual, rounded to T: the residual stream the next layer adds to
+        const T* rr = residual + r * dim;
+        for (int64_t i = 0; i < dim; ++i) sr[i] = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
+        xr = sr;
+      }
+      float partial[LANES] = {};
+      int64_t i = 0;
+      for (; i + LANES <= dim; i += LANES)
+        for (int64_t l = 0; l < LANES; ++l) partial[l] += static_cast<float>(xr[i + l]) * static_cast<float>(xr[i + l]);
+      float squares = 0.f;
+      for (int64_t l = 0; l < LANES; ++l) squares += partial[l];
+      for (; i < dim; ++i) squares += static_cast<float>(xr[i]) * static_cast<float>(xr[i]);
+      const float inv = 1.0f / std::sqrt(squares / static_cast<float>(dim) + eps);
+      T* o = out + r * dim;
+      // (x * rsqrt(mean + eps)) in float, cast to T, then times the weight in T: the order transformers uses.
+      for (int64_t j = 0; j < dim; ++j)
+        o[j] = static_cast<T>(static_cast<float>(weight[j]) * round_to<T>(static_cast<float>(xr[j]) * inv));
+    }
+  });
+}
+
+// x [rows, dim], residual [rows, dim] or none, weight [dim], all one dtype (float32 or bfloat16). Returns
+// (RMSNorm(x + residual), x + residual); with no residual, (RMSNorm(x), an empty tensor): the caller keeps x
+// (an op's output may not alias its input).
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                                const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1),
+              "add_rms_norm: x [rows, dim] and weight [dim] on the CPU");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "add_rms_norm: float32 or bfloat16, one dtype for x and weight");
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual)
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
+                "add_rms_norm: residual shaped and typed like x");
+  const auto xc = x.contiguous(), wc = weight.contiguous();
+  const auto rc = has_residual ? residual->contiguous() : at::Tensor();
+  auto out = at::empty_like(xc);
+  auto sum = has_residual ? at::empty_like(xc) : at::empty({0}, xc.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_rms_norm", [&] {
+    add_rms_norm_rows<scalar_t>(xc.const_data_ptr<scalar_t>(),
+                                has_residual ? rc.const_data_ptr<scalar_t>() : nullptr,
+                                wc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                has_residual ? sum.mutable_data_ptr<scalar_t>() : nullptr, xc.size(0), xc.size(1),
+                                static_cast<float>(eps));
+  });
+  return {out, sum};
+}
+
+// One head [head_dim] in place, "rotate half": (x1 c - x2 s, x2 c + x1 s), cos/sin cast to T first and every
+// product and sum rounded to T, as apply_rotary's PyTorch ops do.
+template <typename T>
+inline void rotate_head(T* x, const float* cos, const float* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float c = round_to<T>(cos[i]), s = round_to<T>(sin[i]);
+    const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[half + i]);
+    x[i] = static_cast<T>(round_to<T>(x1 * c) - round_to<T>(x2 * s));
+    x[half + i] = static_cast<T>(round_to<T>(x2 * c) + round_to<T>(x1 * s));
+  }
+}
+
+// q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] (strided views of the qkv output, the last dim
+// contiguous) rotated in place by positions [tokens] (int64) looked up in cos_sin_cache [max_len, head_dim]
+// (float32: cos in the first half, sin in the second); the signature of kernels/rotary.py's Triton kernel.
+void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Tensor& cos_sin_cache) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && k.dim() == 3 && q.size(0) == k.size(0) &&
+                  q.size(2) == k.size(2) && q.stride(2) == 1 && k.stride(2) == 1,
+              "rotary_: q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] with contiguous heads");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "rotary_: q and k float32 or bfloat16");
+  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.dim() == 2 &&
+                  cos_sin_cache.size(1) == q.size(2) && positions.scalar_type() == at::kLong &&
+                  positions.numel() == q.size(0),
+              "rotary_: float32 cos_sin_cache [max_len, head_dim] and int64 positions [tokens]");
+  const auto table = cos_sin_cache.contiguous();
+  const auto pos = positions.contiguous();
+  const int64_t tokens = q.size(0), heads = q.size(1), kv_heads = k.size(1), half = q.size(2) / 2;
+  const int64_t max_len = table.size(0);
+  const int64_t* pp = pos.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK(pp[t] >= 0 && pp[t] < max_len, "rotary_: position ", pp[t], " outside the table of ", max_len);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "rotary_", [&] {
+    scalar_t* qp = q.mutable_data_ptr<scalar_t>();
+    scalar_t* kp = k.mutable_data_ptr<scalar_t>();
+    const float* cs = table.const_data_ptr<float>();
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float* cos = cs + pp[t] * table.size(1);
+        for (int64_t h = 0; h < heads; ++h) rotate_head(qp + t * q.stride(0) + h * q.stride(1), cos, cos + half, half);
+        for (int64_t h = 0; h < kv_heads; ++h)
+          rotate_head(kp + t * k.stride(0) + h * k.stride(1), cos, cos + half, half);
+      }
+    });
+  });
+}
+
+// gate_up [rows, 2 * inter] (gate, then up) -> SiLU(gate) * up [rows, inter]; SiLU rounded to the dtype before
+// the product, as F.silu(gate) * up rounds.
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.device().is_cpu() && gate_up.dim() == 2 && gate_up.size(1) % 2 == 0,
+              "silu_mul: gate_up [rows, 2 * inter] on the CPU");
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat || gate_up.scalar_type() == at::kBFloat16,
+              "silu_mul: float32 or bfloat16");
+  const auto g = gate_up.contiguous();
+  const int64_t rows = g.size(0), inter = g.size(1) / 2;
+  auto out = at::empty({rows, inter}, g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "silu_mul", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows * inter, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        const int64_t r = e / inter, i = e % inter;
+        const float gate = static_cast<float>(gp[r * 2 * inter + i]);
+        const float silu = round_to<scalar_t>(gate / (1.0f + std::exp(-gate)));
+        op[e] = static_cast<scalar_t>(silu * static_cast<float>(gp[r * 2 * inter + inter + i]));
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tessera, m) {
+  m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos_sin_cache) -> ()");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.impl("add_rms_norm", c10::DispatchKey::CPU, TORCH_FN(add_rms_norm));
+  m.impl("rotary_", c10::DispatchKey::CPU, TORCH_FN(rotary_));
+  m.impl("silu_mul", c10::DispatchKey::CPU, TORCH_FN(silu_mul));
+}

@@ -1,0 +1,186 @@
+"""The native CPU kernels of a decode step (kernels/decode_ops_cpu.cpp, kernels/dense_gemv_cpu.cpp) against the
+PyTorch code they replace, op by op and through whole models, and the choice of when they run."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_model import empty_kv_caches, random_prompt, run, scattered_block_table
+from tiny_checkpoints import preset_checkpoint
+
+from tessera.kernels import paged_attention_cpu
+from tessera.worker.attention.torch_backend import TorchAttentionBackend
+from tessera.worker.checkpoint import load_model
+from tessera.worker.models import packed_linear
+from tessera.worker.models.packed_linear import GEMV_ROWS, PackedLinear, onednn_available, pack_linear_layers, use_gemv
+from tessera.worker.models.rope import RotaryEmbedding, apply_rotary
+
+decode_ops = paged_attention_cpu.load("decode_ops")
+gemv = paged_attention_cpu.load("dense_gemv")
+needs_ops = pytest.mark.skipif(decode_ops is None, reason="no C++ compiler: the native CPU kernels cannot be built")
+
+
+def gemv_runs(dtype: torch.dtype) -> bool:
+    return gemv is not None and torch.ops.tessera.gemv_available(dtype)
+
+
+def reference_rms_norm(x, residual, weight, eps):
+    """models/llama.py's PyTorch RMSNorm."""
+    total = x + residual if residual is not None else x
+    x32 = total.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype), total
+
+
+def one_ulp(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, dim", [(1, 512), (3, 40), (37, 33)])
+def test_add_rms_norm_matches_pytorch(dtype, rows, dim):
+    g = torch.Generator().manual_seed(rows * dim)
+    x, residual = (torch.randn(rows, dim, generator=g).to(dtype) for _ in range(2))
+    weight = torch.randn(dim, generator=g).to(dtype)
+    for res in (residual, None):
+        out, total = torch.ops.tessera.add_rms_norm(x, res, weight, 1e-6)
+        expected, expected_total = reference_rms_norm(x, res, weight, 1e-6)
+        assert out.dtype == dtype and out.shape == x.shape
+        if res is not None:
+            assert torch.equal(total, expected_total)  # the residual stream: one rounding, exact
+        else:
+            assert total.numel() == 0  # the caller keeps x (no output may alias an input)
+        # Only the mean's summation order differs: a last-bit difference at most.
+        torch.testing.assert_close(out, expected, rtol=2 * one_ulp(dtype), atol=1e-6)
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_is_bit_for_bit_the_pytorch_rotation_on_strided_views(dtype):
+    heads, kv_heads, head_dim, tokens = 4, 2, 32, 6
+    rope = RotaryEmbedding(head_dim, 300, 10000.0, None)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)  # strided: rows of qkv
+    positions = torch.tensor([0, 1, 17, 100, 250, 299])
+    cos, sin = rope(positions, dtype)
+    expected_q, expected_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    untouched = qkv[:, (heads + kv_heads) * head_dim:].clone()
+    torch.ops.tessera.rotary_(q, k, positions, rope.cos_sin_cache)
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], untouched)  # v is left alone
+    with pytest.raises(RuntimeError, match="position 300 outside the table of 300"):
+        torch.ops.tessera.rotary_(q, k, torch.tensor([0, 1, 2, 3, 4, 300]), rope.cos_sin_cache)
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_pytorch(dtype):
+    gate_up = (torch.randn(5, 2 * 300) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = torch.ops.tessera.silu_mul(gate_up)
+    # exp's last float bit may differ from PyTorch's vectorized one, so a bfloat16 result may be one bit off.
+    torch.testing.assert_close(out, F.silu(gate) * up, rtol=one_ulp(dtype), atol=1e-6)
+
+
+@pytest.mark.skipif(not gemv_runs(torch.float32), reason="the native GEMV needs AVX-512 and a C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, k", [(64, 512), (255, 96), (17, 7), (1, 1), (300, 1408)])
+def test_gemv_matches_a_float64_matmul_for_one_to_four_rows(dtype, n, k):
+    if not gemv_runs(dtype):
+        pytest.skip("this CPU lacks AVX512-BF16")
+    g = torch.Generator().manual_seed(n * k)
+    weight, bias = torch.randn(n, k, generator=g).to(dtype), torch.randn(n, generator=g)
+    packed = torch.ops.tessera.gemv_pack(weight)
+    for rows in range(1, GEMV_ROWS + 1):
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        for b in (bias, None):
+            expected = x.double() @ weight.double().t() + (b.double() if b is not None else 0)
+            out = torch.ops.tessera.gemv(x, packed, b, n)
+            assert out.dtype == dtype and out.shape == (rows, n)
+            # float32 sums (a different order than oneDNN's), then one rounding to the dtype
+            tolerance = 1e-5 * k**0.5 if dtype == torch.float32 else one_ulp(dtype)
+            torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance * 4)
+
+
+@pytest.mark.skipif(not gemv_runs(torch.float32), reason="the native GEMV needs AVX-512 and a C++ compiler")
+def test_gemv_refuses_what_it_cannot_compute():
+    packed = torch.ops.tessera.gemv_pack(torch.randn(40, 24))
+    with pytest.raises(RuntimeError, match="1 <= m <= 4"):
+        torch.ops.tessera.gemv(torch.randn(5, 24), packed, None, 40)
+    with pytest.raises(RuntimeError, match="packed by gemv_pack with k = 23"):
+        torch.ops.tessera.gemv(torch.randn(1, 23), packed, None, 40)
+    with pytest.raises(RuntimeError, match="n = 50 does not fit"):
+        torch.ops.tessera.gemv(torch.randn(1, 24), packed, None, 50)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        torch.ops.tessera.gemv(torch.randn(1, 24).bfloat16(), packed, None, 40)
+
+
+@pytest.mark.skipif(not (onednn_available() and gemv_runs(torch.float32)), reason="needs oneDNN and the GEMV")
+def test_a_packed_layer_with_a_gemv_copy_gives_onednns_results_at_every_row_count():
+    weight, bias = torch.randn(96, 40), torch.randn(96)
+    with_copy, without = PackedLinear(weight, bias, gemv=True), PackedLinear(weight, bias)
+    assert with_copy.gemv_weight is not None and without.gemv_weight is None
+    for rows in (1, 2, 3, 4, 5, 64):
+        x = torch.randn(rows, 40)
+        torch.testing.assert_close(with_copy(x), without(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(with_copy(x), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+def decode_steps(model, backend, config, steps: int = 3):
+    """Logits of a 9-token prefill, then `steps` decode steps of 3 requests at once (GEMV-sized batches)."""
+    kv_caches = empty_kv_caches(model, backend)
+    tables = [scattered_block_table(4, seed) for seed in range(3)]
+    tables = [tables[0][:2], [b for b in tables[1] if b not in tables[0][:2]][:2],
+              [b for b in range(16) if b not in tables[0][:2] + tables[1][:2]][:2]]
+    prompts = [random_prompt(5, config.vocab_size, seed) for seed in range(3)]
+    out = [run(model, kv_caches, [(table, prompt, 0) for table, prompt in zip(tables, prompts)])]
+    for step in range(steps):
+        out.append(run(model, kv_caches, [(table, [7 + i + step], 5 + step) for i, table in enumerate(tables)]))
+    return torch.cat(out)
+
+
+@needs_ops
+@pytest.mark.parametrize("preset", ["llama", "llama_tied", "llama_bias", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.25)])
+def test_a_model_on_the_native_kernels_gives_the_pytorch_models_logits(preset, dtype, atol, tmp_path_factory):
+    """The native small ops and, where it runs, the GEMV copy, against the pure PyTorch model: the same
+    checkpoint, a prefill and then decode steps of three requests (which take the GEMV)."""
+    path = preset_checkpoint(tmp_path_factory, preset)
+    pure_backend, native_backend = TorchAttentionBackend(native_decode=False), TorchAttentionBackend()
+    pure, config = load_model(path, pure_backend, dtype=dtype)
+    native, _ = load_model(path, native_backend, dtype=dtype)
+    assert pure.fused is None and native.fused is not None and native.fused.name == "native"
+    copy = onednn_available() and gemv_runs(getattr(torch, dtype))
+    if copy:
+        pack_linear_layers(native, gemv=True)
+        assert all(m.gemv_weight is not None for m in native.modules() if isinstance(m, PackedLinear))
+    expected = decode_steps(pure, pure_backend, config)
+    logits = decode_steps(native, native_backend, config)
+    assert not torch.equal(logits, torch.zeros_like(logits))
+    torch.testing.assert_close(logits, expected, atol=atol, rtol=0)
+    if dtype == "float32":
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+@needs_ops
+def test_the_native_kernels_are_off_with_the_pure_pytorch_backend_and_with_the_switch(monkeypatch, tmp_path_factory):
+    path = preset_checkpoint(tmp_path_factory, "llama")
+    assert load_model(path, TorchAttentionBackend(native_decode=False))[0].fused is None
+    monkeypatch.setenv("TESSERA_NATIVE_CPU_KERNELS", "0")
+    assert load_model(path, TorchAttentionBackend())[0].fused is None
+
+
+@pytest.mark.skipif(not gemv_runs(torch.float32), reason="the native GEMV needs AVX-512 and a C++ compiler")
+def test_the_gemv_copy_is_made_only_for_auto_and_when_it_fits_in_memory(monkeypatch, tmp_path_factory, caplog):
+    model, _ = load_model(preset_checkpoint(tmp_path_factory, "llama"), TorchAttentionBackend())
+    assert use_gemv(model, "auto")
+    assert not use_gemv(model, "onednn")  # one copy of the weights, oneDNN's
+    copy = packed_linear.linear_weight_bytes(model)
+    monkeypatch.setattr(packed_linear, "available_memory", lambda: 4 * copy - 1)
+    with caplog.at_level("INFO", logger="tessera.worker"):
+        assert not use_gemv(model, "auto")
+    assert "would exceed a quarter of the" in caplog.text
+    monkeypatch.setattr(packed_linear, "available_memory", lambda: 4 * copy)
+    assert use_gemv(model, "auto")
