@@ -14,7 +14,10 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -110,10 +113,15 @@ void run_rows(const at::Tensor& x, const at::Tensor& packed, const float* bias, 
     for (int r = 0; r < ROWS; ++r) std::memcpy(pairs.data() + r * npairs, xp + r * k, k * 2);
   }
   const void* xs = bf16 ? static_cast<const void*>(pairs.data()) : static_cast<const void*>(x.const_data_ptr<float>());
-  // Units of 4 blocks; each thread streams a contiguous part of the weight.
+  // Units of 4 blocks, taken in turn by whichever thread is free: on a machine also running the server's
+  // threads, a thread that lost its core for a while leaves its share to the others instead of holding the
+  // whole step up (at::parallel_for hands each thread a fixed part).
   const int64_t units = (total_blocks + 3) / 4;
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
+  std::atomic<int64_t> next{0};
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), units));
+#pragma omp parallel num_threads(threads) if (threads > 1 && !omp_in_parallel())
+  {
+    for (int64_t u = next++; u < units; u = next++) {
       const int64_t b0 = u * 4;
       switch (std::min<int64_t>(4, total_blocks - b0)) {
         case 4: unit<ROWS, 4>(bf16, xs, k, packed, b0, n, bias, out); break;
@@ -122,7 +130,7 @@ void run_rows(const at::Tensor& x, const at::Tensor& packed, const float* bias, 
         default: unit<ROWS, 1>(bf16, xs, k, packed, b0, n, bias, out); break;
       }
     }
-  });
+  }
 }
 
 // Whether this CPU runs gemv for the dtype (AVX-512 for float32, AVX512-BF16 for bfloat16).

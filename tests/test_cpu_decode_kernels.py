@@ -11,6 +11,7 @@ from tiny_checkpoints import preset_checkpoint
 from tessera.kernels import paged_attention_cpu
 from tessera.worker.attention.torch_backend import TorchAttentionBackend
 from tessera.worker.checkpoint import load_model
+from tessera.worker.models.fused_ops import native_decode_layers
 from tessera.worker.models import packed_linear
 from tessera.worker.models.packed_linear import GEMV_ROWS, PackedLinear, onednn_available, pack_linear_layers, use_gemv
 from tessera.worker.models.rope import RotaryEmbedding, apply_rotary
@@ -128,12 +129,12 @@ def test_a_packed_layer_with_a_gemv_copy_gives_onednns_results_at_every_row_coun
         torch.testing.assert_close(with_copy(x), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
 
 
-def decode_steps(model, backend, config, steps: int = 3):
-    """Logits of a 9-token prefill, then `steps` decode steps of 3 requests at once (GEMV-sized batches)."""
+def decode_steps(model, backend, config, steps: int = 6):
+    """Logits of a prefill of 3 requests of 5 tokens, then `steps` decode steps of the 3 at once (GEMV-sized
+    batches); 11 tokens each, past the sliding window of the presets that have one (8)."""
     kv_caches = empty_kv_caches(model, backend)
-    tables = [scattered_block_table(4, seed) for seed in range(3)]
-    tables = [tables[0][:2], [b for b in tables[1] if b not in tables[0][:2]][:2],
-              [b for b in range(16) if b not in tables[0][:2] + tables[1][:2]][:2]]
+    blocks = scattered_block_table(9)
+    tables = [blocks[0:3], blocks[3:6], blocks[6:9]]
     prompts = [random_prompt(5, config.vocab_size, seed) for seed in range(3)]
     out = [run(model, kv_caches, [(table, prompt, 0) for table, prompt in zip(tables, prompts)])]
     for step in range(steps):
@@ -142,20 +143,28 @@ def decode_steps(model, backend, config, steps: int = 3):
 
 
 @needs_ops
-@pytest.mark.parametrize("preset", ["llama", "llama_tied", "llama_bias", "qwen2", "qwen3"])
+@pytest.mark.parametrize("preset", ["llama", "llama_tied", "llama_bias", "mistral", "qwen2", "qwen2_sliding", "qwen3"])
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.25)])
 def test_a_model_on_the_native_kernels_gives_the_pytorch_models_logits(preset, dtype, atol, tmp_path_factory):
-    """The native small ops and, where it runs, the GEMV copy, against the pure PyTorch model: the same
-    checkpoint, a prefill and then decode steps of three requests (which take the GEMV)."""
+    """The native small ops and, where it runs, the GEMV copy and the native decoder layer, against the pure
+    PyTorch model: the same checkpoint, a prefill and then decode steps of three requests (which take the GEMV
+    and, but for Qwen3's per-head norms, one decode_layer call per layer)."""
     path = preset_checkpoint(tmp_path_factory, preset)
     pure_backend, native_backend = TorchAttentionBackend(native_decode=False), TorchAttentionBackend()
     pure, config = load_model(path, pure_backend, dtype=dtype)
     native, _ = load_model(path, native_backend, dtype=dtype)
     assert pure.fused is None and native.fused is not None and native.fused.name == "native"
+    assert native_decode_layers(native) is None  # not before the projections hold GEMV copies
     copy = onednn_available() and gemv_runs(getattr(torch, dtype))
     if copy:
         pack_linear_layers(native, gemv=True)
         assert all(m.gemv_weight is not None for m in native.modules() if isinstance(m, PackedLinear))
+        native.native_layers = native_decode_layers(native)
+        assert (native.native_layers is None) == config.qk_norm
+        if preset == "mistral":
+            assert {layer.window for layer in native.native_layers} == {config.sliding_window}
+        if preset == "qwen2_sliding":  # the first layer attends to everything, the others to a window
+            assert [layer.window for layer in native.native_layers][:2] == [0, config.sliding_window]
     expected = decode_steps(pure, pure_backend, config)
     logits = decode_steps(native, native_backend, config)
     assert not torch.equal(logits, torch.zeros_like(logits))

@@ -22,6 +22,7 @@ from tessera.worker.device import attention_backend_for, default_dtype_for, reso
 from tessera.worker.host_allocator import keep_large_allocations_in_heap
 from tessera.model_config import ModelConfig
 from tessera.worker.models.int8_linear import QUANTIZATIONS, quantize_linear_layers
+from tessera.worker.models.fused_ops import native_decode_layers
 from tessera.worker.models.packed_linear import GEMV_ROWS, pack_linear_layers, resolve_cpu_matmul, use_gemv
 from tessera.worker.sampler import Sampler, SamplingRow, top_logprobs
 from tessera.worker.tensor_parallel import SINGLE, TensorParallel
@@ -93,6 +94,10 @@ class Worker:
             gemv = use_gemv(self.model, config.cpu_matmul)
             log.info("oneDNN matmuls: %d linear layers packed%s", pack_linear_layers(self.model, gemv),
                      f"; up to {GEMV_ROWS} rows on the native GEMV's copy" if gemv else "")
+            if hasattr(self.model, "native_layers"):
+                self.model.native_layers = native_decode_layers(self.model)
+                if self.model.native_layers is not None:
+                    log.info("decode steps of up to %d requests: each layer one native call", GEMV_ROWS)
         self.block_size = config.block_size
         kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's
         bytes_per_block = 2 * mc.num_hidden_layers * kv_heads * mc.head_dim * mc.dtype.itemsize * config.block_size

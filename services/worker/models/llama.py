@@ -19,9 +19,11 @@ from torch import nn
 
 from tessera.worker.attention.backend import AttentionBackend, AttentionMetadata
 from tessera.model_config import CheckpointError, ModelConfig
-from tessera.worker.models.fused_ops import FusedOps, fused_ops_for
+from tessera.worker.models.fused_ops import FusedOps, NativeLayer, fused_ops_for
 from tessera.worker.models.rope import RotaryEmbedding, apply_rotary
 from tessera.worker.tensor_parallel import SINGLE, TensorParallel
+
+NATIVE_DECODE_ROWS = 4  # packed_linear.GEMV_ROWS: the native layer's projections run on the GEMV
 
 
 class RMSNorm(nn.Module):
@@ -139,6 +141,7 @@ class LlamaForCausalLM(nn.Module):
         tp.check(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
         self.config, self.tp = config, tp
         self.fused = fused_ops_for(attn_backend)
+        self.native_layers: list[NativeLayer] | None = None  # set by the worker (fused_ops.native_decode_layers)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling)
         # Vocabulary-parallel: this rank's rows of the table (the last rank's padded with zeros).
         self.vocab_rows = tp.vocab_rows(config.vocab_size)
@@ -160,6 +163,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.LongTensor, positions: torch.LongTensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed(input_ids), None
+        if self.native_layers is not None and meta.num_decodes == x.shape[0] <= NATIVE_DECODE_ROWS:
+            return self._native_decode(x, positions, kv_caches, meta)
         # Once per step for every layer: the eager rotary's cos/sin rows, or what the kernel looks them up in.
         if self.fused is not None:
             rope = (positions, self.rotary_emb.cos_sin_cache)
@@ -167,6 +172,16 @@ class LlamaForCausalLM(nn.Module):
             rope = self.rotary_emb(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, rope, kv_cache, meta)
+        return self.norm(x, residual)[0]
+
+    def _native_decode(self, x, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """A decode step of a few requests, each layer one native call (fused_ops.py)."""
+        residual, table = None, self.rotary_emb.cos_sin_cache
+        for layer, kv_cache in zip(self.native_layers, kv_caches, strict=True):
+            x, residual = torch.ops.tessera.decode_layer(
+                x, residual, positions, table, layer.input_norm, layer.post_norm, layer.eps, layer.weights,
+                layer.biases, layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.intermediate, kv_cache,
+                meta.block_tables, meta.seq_lens, meta.slot_mapping, layer.scale, layer.window)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
