@@ -4,7 +4,8 @@
 // as much as the layer's matmuls stream; here each is one call.
 //
 // And decode_layer: a whole decoder layer for a decode step of one to four requests, these ops, the GEMV
-// (dense_gemv_cpu.cpp) and the paged attention (paged_attention_cpu.cpp) called from C++, so that a layer costs
+// (dense_gemv_cpu.cpp) or the int8 layer (int8_linear_cpu.cpp) and the paged attention (paged_attention_cpu.cpp)
+// called from C++, so that a layer costs
 // one call from Python instead of ~40 (measured: ~0.2 ms of Python a layer on the 2-core EPYC, more than its
 // weights take to stream).
 //
@@ -176,10 +177,26 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   return op.call(q, key_cache, value_cache, block_tables, seq_lens, scale, window);
 }
 
+at::Tensor int8_linear_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                            const at::Tensor& weight_sums, const c10::optional<at::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("tessera::int8_linear_rows", "").typed<
+      at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                 const c10::optional<at::Tensor>&)>();
+  return op.call(x, weight, weight_scale, weight_sums, bias);
+}
+
+// Projection i of the layer (qkv, o, gate_up, down) with n outputs: weights holds one gemv-packed tensor per
+// projection, or three (int8 values, scales, row sums: int8_linear_cpu.cpp) for an int8 layer.
+at::Tensor project(int64_t i, const at::Tensor& x, at::TensorList weights,
+                   const c10::List<c10::optional<at::Tensor>>& biases, int64_t n) {
+  if (weights.size() == 4) return gemv(x, weights[i], biases.get(i), n);
+  return int8_linear_rows(x, weights[3 * i], weights[3 * i + 1], weights[3 * i + 2], biases.get(i));
+}
+
 // One decoder layer (models/llama.py's DecoderLayer.forward) for n <= 4 decode rows, one token of one request
 // each: x, residual [n, hidden] -> (the MLP's output, x + residual + attention), the residual stream the next
-// layer adds to; no residual before the first layer. weights: the gemv-packed qkv, o, gate_up and down
-// projections; biases: theirs (float32) or none; kv_cache [2, blocks, block_size, kv_heads, head_dim].
+// layer adds to; no residual before the first layer. weights: the qkv, o, gate_up and down projections (see
+// project); biases: theirs (float32) or none; kv_cache [2, blocks, block_size, kv_heads, head_dim].
 std::tuple<at::Tensor, at::Tensor> decode_layer(
     const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& positions,
     const at::Tensor& cos_sin_cache, const at::Tensor& input_norm, const at::Tensor& post_norm, double eps,
@@ -187,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
     int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, const at::Tensor& kv_cache,
     const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& slot_mapping, double scale,
     int64_t window) {
-  TORCH_CHECK(weights.size() == 4 && biases.size() == 4, "decode_layer: 4 weights (qkv, o, gate_up, down) and biases");
+  TORCH_CHECK((weights.size() == 4 || weights.size() == 12) && biases.size() == 4,
+              "decode_layer: 4 projections (qkv, o, gate_up, down), 1 or 3 tensors each, and their biases");
   TORCH_CHECK(x.dim() == 2 && slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == x.size(0) &&
                   kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(3) == num_kv_heads &&
                   kv_cache.size(4) == head_dim && kv_cache.scalar_type() == x.scalar_type(),
@@ -197,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   auto [h, stream] = add_rms_norm(x, residual, input_norm, eps);
   if (!residual.has_value() || !residual->defined()) stream = x;
 
-  const auto qkv = gemv(h, weights[0], biases.get(0), q_size + 2 * kv_size);
+  const auto qkv = project(0, h, weights, biases, q_size + 2 * kv_size);
   auto q = qkv.narrow(1, 0, q_size).view({n, num_heads, head_dim});
   auto k = qkv.narrow(1, q_size, kv_size).view({n, num_kv_heads, head_dim});
   rotary_(q, k, positions, cos_sin_cache);
@@ -213,10 +231,10 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
     std::memcpy(planes + (slots + slot[r]) * bytes, row + (q_size + kv_size) * x.element_size(), bytes);
   }
   const auto attention = paged_decode_attention(q, kv_cache[0], kv_cache[1], block_tables, seq_lens, scale, window);
-  const auto o = gemv(attention.view({n, q_size}), weights[1], biases.get(1), hidden);
+  const auto o = project(1, attention.view({n, q_size}), weights, biases, hidden);
   auto [h2, stream2] = add_rms_norm(o, stream, post_norm, eps);
-  const auto act = silu_mul(gemv(h2, weights[2], biases.get(2), 2 * intermediate));
-  return {gemv(act, weights[3], biases.get(3), hidden), stream2};
+  const auto act = silu_mul(project(2, h2, weights, biases, 2 * intermediate));
+  return {project(3, act, weights, biases, hidden), stream2};
 }
 
 }  // namespace

@@ -193,3 +193,21 @@ def test_the_gemv_copy_is_made_only_for_auto_and_when_it_fits_in_memory(monkeypa
     assert "would exceed a quarter of the" in caplog.text
     monkeypatch.setattr(packed_linear, "available_memory", lambda: 4 * copy)
     assert use_gemv(model, "auto")
+
+
+@needs_ops
+@pytest.mark.skipif(paged_attention_cpu.load("int8_linear") is None, reason="no native int8 kernel")
+@pytest.mark.parametrize("preset", ["llama", "llama_bias"])
+def test_an_int8_model_runs_its_layers_natively_with_the_python_layers_results(preset, tmp_path_factory):
+    from tessera.worker.models.int8_linear import quantize_linear_layers
+
+    path = preset_checkpoint(tmp_path_factory, preset)
+    backend = TorchAttentionBackend()
+    model, config = load_model(path, backend)
+    quantize_linear_layers(model)
+    expected = decode_steps(model, backend, config)  # the Python layers, on the same int8 weights
+    model.native_layers = native_decode_layers(model)
+    assert model.native_layers is not None and len(model.native_layers[0].weights) == 12
+    logits = decode_steps(model, backend, config)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))

@@ -94,10 +94,10 @@ class Worker:
             gemv = use_gemv(self.model, config.cpu_matmul)
             log.info("oneDNN matmuls: %d linear layers packed%s", pack_linear_layers(self.model, gemv),
                      f"; up to {GEMV_ROWS} rows on the native GEMV's copy" if gemv else "")
-            if hasattr(self.model, "native_layers"):
-                self.model.native_layers = native_decode_layers(self.model)
-                if self.model.native_layers is not None:
-                    log.info("decode steps of up to %d requests: each layer one native call", GEMV_ROWS)
+        if self.device.type == "cpu" and hasattr(self.model, "native_layers"):
+            self.model.native_layers = native_decode_layers(self.model)
+            if self.model.native_layers is not None:
+                log.info("decode steps of up to %d requests: each layer one native call", GEMV_ROWS)
         self.block_size = config.block_size
         kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's
         bytes_per_block = 2 * mc.num_hidden_layers * kv_heads * mc.head_dim * mc.dtype.itemsize * config.block_size

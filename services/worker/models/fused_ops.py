@@ -55,7 +55,7 @@ class NativeLayer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     eps: float
-    weights: list[torch.Tensor]  # gemv-packed qkv, o, gate_up, down
+    weights: list[torch.Tensor]  # qkv, o, gate_up, down: gemv-packed, or int8 (values, scales, row sums) each
     biases: list[torch.Tensor | None]
     num_heads: int
     num_kv_heads: int
@@ -67,7 +67,9 @@ class NativeLayer:
 
 def native_decode_layers(model) -> list[NativeLayer] | None:
     """A NativeLayer per layer when the whole layer can run natively: the native ops, one rank, no per-head q/k
-    norm (Qwen3 keeps the Python layer), and every projection holding a GEMV copy (packed_linear.py); else None."""
+    norm (Qwen3 keeps the Python layer), and every projection holding a GEMV copy (packed_linear.py) or every
+    one int8 with its native kernel (int8_linear.py); else None."""
+    from tessera.worker.models.int8_linear import Int8Linear
     from tessera.worker.models.packed_linear import PackedLinear
 
     if model.fused is None or model.fused.name != "native" or model.tp.size != 1 or model.config.qk_norm:
@@ -78,11 +80,16 @@ def native_decode_layers(model) -> list[NativeLayer] | None:
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         projections = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
-        if not all(isinstance(p, PackedLinear) and p.gemv_weight is not None for p in projections):
+        if all(isinstance(p, PackedLinear) and p.gemv_weight is not None for p in projections):
+            weights, biases = [p.gemv_weight for p in projections], [p.gemv_bias for p in projections]
+        elif all(isinstance(p, Int8Linear) and p.native is not None for p in projections):
+            weights = [t for p in projections for t in (p.weight, p.weight_scale, p.weight_sums)]
+            biases = [p.bias for p in projections]
+        else:
             return None
         layers.append(NativeLayer(
             layer.input_layernorm.weight, layer.post_attention_layernorm.weight, layer.input_layernorm.eps,
-            [p.gemv_weight for p in projections], [p.gemv_bias for p in projections], attn.num_heads,
+            weights, biases, attn.num_heads,
             attn.num_kv_heads, attn.head_dim, mlp.intermediate_size, attn.scale, attn.sliding_window or 0))
     return layers
 
