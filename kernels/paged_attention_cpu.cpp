@@ -11,6 +11,8 @@
 #include <cmath>
 #include <vector>
 
+#include "vec_exp.h"
+
 namespace {
 
 // One work item: request r, all its heads. Each token's keys (then values) for every KV head sit together in
@@ -43,11 +45,14 @@ void attend_request(T* out, const T* q, const T* keys, const T* values, const in
   for (int64_t h = 0; h < heads; ++h) {
     float* sh = scores.data() + h * length;
     const float m = *std::max_element(sh, sh + length);
-    float sum = 0.f;
-    for (int64_t t = 0; t < length; ++t) {
-      sh[t] = std::exp(sh[t] - m);
-      sum += sh[t];
+    for (int64_t t = 0; t < length; ++t) sh[t] -= m;
+    if (tessera_vec::has_avx512()) {
+      tessera_vec::exp_avx512(sh, sh, length);
+    } else {
+      for (int64_t t = 0; t < length; ++t) sh[t] = std::exp(sh[t]);
     }
+    float sum = 0.f;
+    for (int64_t t = 0; t < length; ++t) sum += sh[t];
     const float inv = 1.f / sum;
     for (int64_t t = 0; t < length; ++t) sh[t] *= inv;
   }

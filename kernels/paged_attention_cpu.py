@@ -65,7 +65,8 @@ def build_directory(capability: str | None = None, kernel: str = "paged_attentio
     changes the binary and venvs may share the cache."""
     capability = capability or torch.backends.cpu.get_cpu_capability()
     path = KERNELS[kernel][0]
-    source = path.read_bytes() + repr(compile_flags(capability, kernel)).encode()
+    headers = b"".join(header.read_bytes() for header in sorted(path.parent.glob("*.h")))  # e.g. vec_exp.h
+    source = path.read_bytes() + headers + repr(compile_flags(capability, kernel)).encode()
     digest = hashlib.sha256(source).hexdigest()[:12]
     name = f"{path.stem}_{capability.lower()}_torch{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{digest}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"

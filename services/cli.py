@@ -40,7 +40,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="memory for KV tensors; the block count follows (default 1GiB)")
     parser.add_argument("--cpu-matmul", default="auto", choices=["auto", "onednn", "aten"],
                         help="CPU linear layers: oneDNN with pre-packed weights, or PyTorch's default (aten); "
-                             "auto: oneDNN where it runs (float32/bfloat16)")
+                             "auto: oneDNN where it runs (float32/bfloat16), and decode steps of 1-4 requests on "
+                             "a native GEMV's copy of the weights when it fits in a quarter of free memory "
+                             "(onednn: one copy, oneDNN's)")
     parser.add_argument("--quantization", default=None, choices=["int8"],
                         help="CPU: int8 linear layers (weights per channel at load, activations per token; oneDNN's "
                              "int8 GEMM), about a quarter of float32's weight bytes")

@@ -211,3 +211,65 @@ def test_an_int8_model_runs_its_layers_natively_with_the_python_layers_results(p
     logits = decode_steps(model, backend, config)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+@needs_ops
+def test_the_native_argmax_is_torch_argmax_with_ties_nans_and_infinities():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 1000, generator=g)
+    logits[1, 7] = logits[1, 900] = 50.0  # a tie: the first index
+    logits[2, :] = float("-inf")  # all -inf: index 0
+    logits[3, 500] = float("inf")
+    logits[4, 333] = float("nan")  # a NaN counts as the largest
+    logits[5, 999] = 60.0  # in the tail of the vector loop
+    logits[6, 0] = 60.0
+    out = torch.ops.tessera.argmax_rows(logits)
+    assert out.dtype == torch.int64 and torch.equal(out, logits.argmax(dim=-1))
+    for vocab in (1, 15, 17, 32000):  # below, at and past one vector of 16
+        x = torch.randn(4, vocab, generator=g)
+        assert torch.equal(torch.ops.tessera.argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(torch.ops.tessera.argmax_rows(logits[:, ::2]), logits[:, ::2].argmax(dim=-1))  # strided
+
+
+@needs_ops
+def test_the_native_softmax_exp_keeps_attention_at_the_pytorch_paths_values():
+    """vec_exp.h's exp within float rounding of expf, through the attention kernel's softmax: long contexts, large
+    score ranges (a scale of 10 makes most probabilities underflow)."""
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, head_dim, block, blocks = 4, 2, 32, 16, 40
+    cache = torch.randn(2, blocks, block, kv_heads, head_dim, generator=g)
+    q = torch.randn(3, heads, head_dim, generator=g)
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:12] for _ in range(3)]).to(torch.int32)
+    lens = torch.tensor([1, 100, 190], dtype=torch.int32)
+    for scale in (head_dim**-0.5, 10.0):
+        out = torch.ops.tessera.paged_decode_attention(q, cache[0], cache[1], tables, lens, scale, 0)
+        for r in range(3):
+            n = int(lens[r])
+            keys = cache[0][tables[r].long()].flatten(0, 1)[:n].repeat_interleave(heads // kv_heads, dim=1)
+            values = cache[1][tables[r].long()].flatten(0, 1)[:n].repeat_interleave(heads // kv_heads, dim=1)
+            p = torch.softmax(torch.einsum("hd,thd->ht", q[r], keys) * scale, dim=-1)
+            torch.testing.assert_close(out[r], torch.einsum("ht,thd->hd", p, values), atol=2e-5, rtol=1e-4)
+
+
+@needs_ops
+def test_greedy_sampling_takes_the_native_argmax_on_the_cpu(monkeypatch):
+    from tessera.sampling_params import SamplingParams
+    from tessera.worker.sampler import Sampler, SamplingRow
+
+    calls = []
+    real = torch.ops.tessera.argmax_rows
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch.ops.tessera, name)
+
+        @staticmethod
+        def argmax_rows(logits):
+            calls.append(logits.shape)
+            return real(logits)
+
+    logits = torch.randn(3, 300)
+    rows = [SamplingRow(SamplingParams(temperature=0.0), [], []) for _ in range(3)]
+    monkeypatch.setattr(torch.ops, "tessera", Spy())
+    out = Sampler(300, [2])(logits, rows)
+    assert calls == [(3, 300)] and torch.equal(out.token_ids, logits.argmax(dim=-1))

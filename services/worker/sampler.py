@@ -16,6 +16,7 @@ so its tokens depend on nothing else in the batch and come out the same after pr
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if wanted else None
         if token_masks is not None:
             logits = apply_token_masks(logits, token_masks)
-        token_ids = logits.argmax(dim=-1)  # final for plain greedy rows
+        token_ids = argmax(logits)  # final for plain greedy rows
 
         busy = [i for i, row in enumerate(rows) if not self._is_plain_greedy(row)]
         if busy:
@@ -107,7 +108,7 @@ class Sampler:
         random = [i for i, row in enumerate(rows) if not row.params.greedy]
         if not greedy:
             return self._draw(logits, rows)  # the usual case, without a second copy
-        token_ids = logits.argmax(dim=-1)  # final for greedy rows
+        token_ids = argmax(logits)  # final for greedy rows
         if random:
             token_ids[random] = self._draw(_select(logits, random), [rows[i] for i in random])
         return token_ids
@@ -258,6 +259,21 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float
 
 # Row v: what to add to the 8 logits of a mask byte of value v: 0 where its bit is set, -inf where not.
 _BYTE_PENALTIES = torch.tensor([[0.0 if v >> bit & 1 else -math.inf for bit in range(8)] for v in range(256)])
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) (first index on ties); on the CPU the native kernel's (kernels/decode_ops_cpu.cpp),
+    16 values a step where PyTorch's goes one by one (~2 ms for 64 rows of a 32000-token vocabulary)."""
+    if logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[1] > 0 and _native_argmax():
+        return torch.ops.tessera.argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
+@functools.cache
+def _native_argmax() -> bool:
+    from tessera.kernels import paged_attention_cpu
+
+    return paged_attention_cpu.load("decode_ops") is not None
 
 
 def apply_token_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
