@@ -1,14 +1,18 @@
 // Paged decode attention for the CPU: one query token per request, keys and values read in place from the
-// paged KV cache (no gather copy), all query heads that share a KV head served by one pass over its keys.
+// paged KV cache (no gather copy). Portable loops (all query heads that share a KV head served by one pass over
+// its keys), and an AVX-512 path for float32/bfloat16 with head_dim 64 or 128 that keeps a head's query and
+// output in registers (at batch 64, context 256: 1.6 -> ~1.0 ms a layer on the 2-core EPYC).
 //
 // Built on first use by kernels/paged_attention_cpu.py and registered as torch.ops.tessera.paged_decode_attention.
 // Reference: the PyTorch backend's gather + scaled_dot_product_attention (services/worker/attention/torch_backend.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "vec_exp.h"
@@ -70,6 +74,64 @@ void attend_request(T* out, const T* q, const T* keys, const T* values, const in
   for (int64_t i = 0; i < heads * head_dim; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
+// The same with AVX-512 for head_dim = 16 * NV (64 and 128: NV = 4, 8), float32 or bfloat16: one query head at a
+// time, its query (then its output) in NV registers for the whole context, so the value sums never go through
+// memory and each key row is converted and multiplied in one pass; one horizontal sum per score.
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+template <typename T, int NV>
+__attribute__((target("avx512f"))) void attend_request_avx512(
+    T* out, const T* q, const T* keys, const T* values, const int32_t* block_table, int64_t seq_len, int64_t window,
+    int64_t heads, int64_t group, int64_t block_size, int64_t block_stride, int64_t slot_stride, int64_t head_stride,
+    float scale, std::vector<float>& scores) {
+  constexpr int64_t D = 16 * NV;
+  const int64_t first = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
+  const int64_t length = seq_len - first;
+  scores.resize(length);
+  float* s = scores.data();
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t kv_offset = (h / group) * head_stride;
+    __m512 qv[NV];
+    for (int j = 0; j < NV; ++j) qv[j] = _mm512_mul_ps(load16(q + h * D + 16 * j), _mm512_set1_ps(scale));
+    for (int64_t t = 0; t < length; ++t) {
+      const int64_t position = first + t;
+      const T* k = keys + block_table[position / block_size] * block_stride + (position % block_size) * slot_stride +
+                   kv_offset;
+      __m512 dot = _mm512_mul_ps(qv[0], load16(k));
+      for (int j = 1; j < NV; ++j) dot = _mm512_fmadd_ps(qv[j], load16(k + 16 * j), dot);
+      s[t] = _mm512_reduce_add_ps(dot);
+    }
+    const float m = *std::max_element(s, s + length);
+    for (int64_t t = 0; t < length; ++t) s[t] -= m;
+    tessera_vec::exp_avx512(s, s, length);
+    float sum = 0.f;
+    for (int64_t t = 0; t < length; ++t) sum += s[t];
+    __m512 acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < length; ++t) {
+      const int64_t position = first + t;
+      const T* v = values + block_table[position / block_size] * block_stride +
+                   (position % block_size) * slot_stride + kv_offset;
+      const __m512 p = _mm512_set1_ps(s[t]);
+      for (int j = 0; j < NV; ++j) acc[j] = _mm512_fmadd_ps(p, load16(v + 16 * j), acc[j]);
+    }
+    alignas(64) float lane[D];
+    for (int j = 0; j < NV; ++j) _mm512_store_ps(lane + 16 * j, _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / sum)));
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<T>(lane[d]);
+  }
+}
+
+// Whether attend_request_avx512 serves this dtype and head size on this CPU.
+template <typename T>
+bool vector_path(int64_t head_dim) {
+  return (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) && (head_dim == 64 || head_dim == 128) &&
+         tessera_vec::has_avx512();
+}
+
 // q [n, heads, head_dim]; key_cache / value_cache [num_blocks, block_size, kv_heads, head_dim];
 // block_tables [n, max_blocks] int32; seq_lens [n] int32 (the context including the query token);
 // window: sliding window in tokens, 0 for none. Returns [n, heads, head_dim].
@@ -105,11 +167,21 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
     // Requests arrive sorted by context length, so contiguous ranges would load the threads unevenly: each
     // lane takes every lanes-th request instead.
     const int64_t lanes = std::min<int64_t>(at::get_num_threads(), n);
+    const bool vector = vector_path<scalar_t>(head_dim);
     at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores, query, acc;  // per thread, reused across its requests
       for (int64_t lane = begin; lane < end; ++lane) {
         for (int64_t r = lane; r < n; r += lanes) {
           const int64_t offset = r * heads * head_dim;
+          if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+            if (vector) {
+              const auto call = head_dim == 64 ? attend_request_avx512<scalar_t, 4> : attend_request_avx512<scalar_t, 8>;
+              call(out_ptr + offset, q_ptr + offset, k_ptr, v_ptr, table_ptr + r * max_blocks, len_ptr[r], window,
+                   heads, group, block_size, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+                   static_cast<float>(scale), scores);
+              continue;
+            }
+          }
           attend_request<scalar_t>(out_ptr + offset, q_ptr + offset, k_ptr, v_ptr, table_ptr + r * max_blocks,
                                    len_ptr[r], window, heads, group, head_dim, block_size, key_cache.stride(0),
                                    key_cache.stride(1), key_cache.stride(2), static_cast<float>(scale), scores,

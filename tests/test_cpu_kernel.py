@@ -58,8 +58,9 @@ def test_cpu_kernel_decode_matches_reference(dtype, layout):
 
 
 @DTYPES
-def test_cpu_kernel_sliding_window(dtype):
-    q, kv_cache, tables, lens = decode_batch([2, 9, 30, 45], 4, 2, 32, 8, dtype, seed=1)
+@pytest.mark.parametrize("head_dim", [32, 64])  # the portable loops, the AVX-512 path
+def test_cpu_kernel_sliding_window(dtype, head_dim):
+    q, kv_cache, tables, lens = decode_batch([2, 9, 30, 45], 4, 2, head_dim, 8, dtype, seed=1)
     for window in (1, 8, 21, 100):
         ours = op(q, kv_cache[0], kv_cache[1], tables, lens, 0.3, window)
         torch.testing.assert_close(ours, reference(q, kv_cache, tables, lens, 0.3, window), **TOLERANCE[dtype])
