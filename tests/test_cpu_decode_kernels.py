@@ -273,3 +273,14 @@ def test_greedy_sampling_takes_the_native_argmax_on_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.ops, "tessera", Spy())
     out = Sampler(300, [2])(logits, rows)
     assert calls == [(3, 300)] and torch.equal(out.token_ids, logits.argmax(dim=-1))
+
+
+def test_available_memory_respects_a_containers_cgroup_limit(monkeypatch, tmp_path):
+    (tmp_path / "max").write_text("1073741824\n")  # a 1 GiB limit, 768 MiB of it in use
+    (tmp_path / "current").write_text(str(768 << 20))
+    monkeypatch.setattr(packed_linear, "CGROUP_MEMORY_FILES", ((tmp_path / "max", tmp_path / "current"),))
+    assert packed_linear.available_memory() == 256 << 20
+    (tmp_path / "max").write_text("max\n")  # no limit: the machine's free memory
+    assert packed_linear.available_memory() > 256 << 20
+    monkeypatch.setattr(packed_linear, "CGROUP_MEMORY_FILES", ((tmp_path / "none", tmp_path / "none"),))
+    assert packed_linear.available_memory() > 256 << 20

@@ -13,7 +13,8 @@ A decode step of one to GEMV_ROWS requests runs on a second copy of the weight i
 GEMV kernel (kernels/dense_gemv_cpu.cpp): at one row a matmul only streams its weights, and oneDNN's blocked
 kernels stream them at about half the memory bandwidth (measured: bf16 ~11-14 GB/s vs ~20-31 GB/s for the
 kernel, 2-core EPYC). The copy doubles the linear layers' memory, so it is made only where the CPU runs the
-kernel and the weights take at most a quarter of the memory available at load (`--cpu-matmul onednn`: never).
+kernel and the weights take at most a quarter of the memory available at load, a container's limit included
+(`--cpu-matmul onednn`: never).
 """
 from __future__ import annotations
 
@@ -113,11 +114,27 @@ def linear_weight_bytes(model: nn.Module) -> int:
     return total
 
 
+CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
 def available_memory() -> int:
+    """Bytes this process may still allocate: the machine's free memory, or less under a cgroup limit (a
+    container's, whose OOM killer does not care what the host has free)."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return 0
+    for limit_file, usage_file in CGROUP_MEMORY_FILES:
+        try:
+            limit = open(limit_file).read().strip()
+            usage = int(open(usage_file).read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():  # "max" (v2) or a huge number (v1): no limit
+            free = min(free, max(int(limit) - usage, 0))
+        break
+    return free
 
 
 def use_gemv(model: nn.Module, choice: str) -> bool:
