@@ -74,7 +74,7 @@ def native_decode_layers(model) -> list[NativeLayer] | None:
 
     if model.fused is None or model.fused.name != "native" or model.tp.size != 1 or model.config.qk_norm:
         return None
-    if paged_attention_cpu_ops() is None:
+    if not layer_kernels_built():
         return None
     layers = []
     for layer in model.layers:
@@ -94,9 +94,8 @@ def native_decode_layers(model) -> list[NativeLayer] | None:
     return layers
 
 
-def paged_attention_cpu_ops():
-    """The attention and GEMV kernels decode_layer calls (None if either cannot be built)."""
+def layer_kernels_built() -> bool:
+    """Whether the attention and GEMV kernels decode_layer calls are built (loading them registers their ops)."""
     from tessera.kernels import paged_attention_cpu
 
-    ops = paged_attention_cpu.load("paged_attention"), paged_attention_cpu.load("dense_gemv")
-    return ops if all(op is not None for op in ops) else None
+    return all(paged_attention_cpu.load(kernel) is not None for kernel in ("paged_attention", "dense_gemv"))

@@ -20,10 +20,9 @@ from torch import nn
 from tessera.worker.attention.backend import AttentionBackend, AttentionMetadata
 from tessera.model_config import CheckpointError, ModelConfig
 from tessera.worker.models.fused_ops import FusedOps, NativeLayer, fused_ops_for
+from tessera.worker.models.packed_linear import GEMV_ROWS  # the native layer's projections run on the GEMV
 from tessera.worker.models.rope import RotaryEmbedding, apply_rotary
 from tessera.worker.tensor_parallel import SINGLE, TensorParallel
-
-NATIVE_DECODE_ROWS = 4  # packed_linear.GEMV_ROWS: the native layer's projections run on the GEMV
 
 
 class RMSNorm(nn.Module):
@@ -163,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.LongTensor, positions: torch.LongTensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed(input_ids), None
-        if self.native_layers is not None and meta.num_decodes == x.shape[0] <= NATIVE_DECODE_ROWS:
+        if self.native_layers is not None and meta.num_decodes == x.shape[0] <= GEMV_ROWS:
             return self._native_decode(x, positions, kv_caches, meta)
         # Once per step for every layer: the eager rotary's cos/sin rows, or what the kernel looks them up in.
         if self.fused is not None:
