@@ -319,10 +319,14 @@ class Worker:
         # Built on the host, so that the slot mapping does not wait on a copy back from the device.
         rows = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in states]
         block_tables = torch.tensor(rows, dtype=torch.int32)
-        positions_t = torch.tensor(positions, dtype=torch.long)
-        request_index_t = torch.tensor(request_index, dtype=torch.long)
-        block_of_token = block_tables[request_index_t, positions_t // self.block_size].to(torch.long)
-        slot_mapping = block_of_token * self.block_size + positions_t % self.block_size
+        bs = self.block_size
+        if len(positions) == len(states):  # decodes only: a slot each, cheaper in Python than as five tensor ops
+            slot_mapping = torch.tensor([s.block_ids[p // bs] * bs + p % bs for s, p in zip(states, positions)])
+        else:
+            positions_t = torch.tensor(positions, dtype=torch.long)
+            request_index_t = torch.tensor(request_index, dtype=torch.long)
+            block_of_token = block_tables[request_index_t, positions_t // bs].to(torch.long)
+            slot_mapping = block_of_token * bs + positions_t % bs
         query_start_loc = [0]
         for q in query_lens:
             query_start_loc.append(query_start_loc[-1] + q)
