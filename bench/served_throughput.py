@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import resource
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -148,8 +150,32 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:8.1f} ms"
 
 
+def cpu_seconds(pid: int | None = None) -> dict[int, float]:
+    """CPU time (user + system) of each thread of process `pid`, by thread id (Linux's /proc); of this
+    process under the key 0 when pid is None."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {0: usage.ru_utime + usage.ru_stime}
+    ticks, seconds = os.sysconf("SC_CLK_TCK"), {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def cpu_split(before: dict, after: dict, main_tid: int) -> tuple[float, float]:
+    """(main thread, all other threads) CPU seconds between two cpu_seconds snapshots of one process."""
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    main = spent.pop(main_tid, 0.0)
+    return main, sum(spent.values())
+
+
 async def measure(args, address, in_process: InProcess, engine_prompts, served_prompts, output_lens,
-                  lat_prompts, lat_lens):
+                  lat_prompts, lat_lens, server_pid: int):
     """Alternates in-process and served runs for --rounds rounds, then the latency run."""
     times = {"engine thread": [], "main thread": [], "served": []}
     expected = tokens = None
@@ -170,8 +196,13 @@ async def measure(args, address, in_process: InProcess, engine_prompts, served_p
         # One stream alone (the single-user case): best of 3 each, in-process then served.
         prompt, n = served_prompts[1][:32], ONE_STREAM_TOKENS
         one = {"in-process": min([(await asyncio.to_thread(in_process.run, [engine_prompts[1][:32]], [n]))[0]
-                                  for _ in range(3)]), "served": min([await time_one(client, prompt, n)
-                                                                      for _ in range(3)])}
+                                  for _ in range(3)])}
+        # Where a served token's CPU goes: the client (this process), the server's event loop (its main
+        # thread: gRPC's Python side) and the rest of the server (the engine thread, OpenMP's team, gRPC's own).
+        server_before, client_before = cpu_seconds(server_pid), cpu_seconds()
+        one["served"] = min([await time_one(client, prompt, n) for _ in range(3)])
+        loop_s, rest_s = cpu_split(server_before, cpu_seconds(server_pid), server_pid)
+        one["cpu per token"] = ((cpu_seconds()[0] - client_before[0]) / (3 * n), loop_s / (3 * n), rest_s / (3 * n))
     finally:
         await client.close()
     return {k: v for k, v in times.items() if v}, expected, tokens, latency, one
@@ -232,7 +263,7 @@ def main():
             in_process = InProcess(model_dir, args.kv_cache_memory, engine_prompts[0][:8])
             times, expected, tokens, latency, one = asyncio.run(measure(
                 args, servers[-1].address, in_process, engine_prompts, served_prompts, workload.output_lens,
-                lat_prompts, latency_workload.output_lens))
+                lat_prompts, latency_workload.output_lens, servers[-1].process.pid))
         finally:
             for server in servers[1:]:
                 server.stop()
@@ -261,6 +292,10 @@ def main():
     print(f"one stream ({ONE_STREAM_TOKENS} tokens, best of 3): in-process {ONE_STREAM_TOKENS / one['in-process']:.1f} "
           f"tok/s, served {ONE_STREAM_TOKENS / one['served']:.1f} tok/s "
           f"({one['in-process'] / one['served']:.2f}x)")
+    client_cpu, loop_cpu, rest_cpu = one["cpu per token"]
+    print(f"one stream served, CPU per token: client {client_cpu * 1e3:.2f} ms, server event loop {loop_cpu * 1e3:.2f} ms, "
+          f"rest of the server {rest_cpu * 1e3:.2f} ms (engine thread, OpenMP team, gRPC's threads), in "
+          f"{one['served'] / ONE_STREAM_TOKENS * 1e3:.2f} ms of wall time a token")
     print(f"served / in-process throughput: {in_process_s / served_s:.2f}x (goal >= 0.9)")
 
 
