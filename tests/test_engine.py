@@ -1,7 +1,9 @@
 """The engine end to end, in-process: parity with transformers, batch invariance, prefix reuse, aborts, stops."""
 from __future__ import annotations
 
+import queue
 import random
+import threading
 import time
 
 import pytest
@@ -197,6 +199,37 @@ def test_engine_loop_streams_and_closing_the_stream_aborts(tmp_path_factory):
                 break
             time.sleep(0.01)
         assert loop.num_unfinished() == 0 and engine.kv.num_blocks_in_use == 0
+    finally:
+        loop.shutdown()
+
+
+def test_engine_loop_hands_off_after_small_steps_only(tmp_path_factory):
+    """handoff runs on the engine thread after each step of 1..HANDOFF_MAX_OUTPUTS outputs (a CPU server streams
+    them out there), never after a bigger step, and the tokens are those of a loop without it."""
+    model_dir = preset_checkpoint(tmp_path_factory, "llama")
+    engine = make_engine(model_dir)
+    step, sizes = engine.step, []  # outputs of each step, in order
+    engine.step = lambda: (outputs := step(), sizes.append(len(outputs)))[0]
+    loop = EngineLoop(engine)
+    handed_off = []  # (thread, outputs of the step just before)
+    loop.handoff = lambda: handed_off.append((threading.current_thread().name, sizes[-1]))
+    try:
+        prompt = random_prompts(1, 10, 10, seed=9)[0]
+        outputs = list(loop.stream(prompt, GREEDY))
+        assert [t for o in outputs for t in o.new_token_ids] == engine_generate_reference(model_dir, prompt)
+        assert handed_off == [("tessera-engine", 1)] * NEW_TOKENS
+
+        handed_off.clear(), sizes.clear()
+        many = EngineLoop.HANDOFF_MAX_OUTPUTS + 2
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        sinks = [queue.SimpleQueue() for _ in range(many)]
+        for i, sink in enumerate(sinks):
+            loop.submit(random_prompts(1, 6, 6, seed=i)[0], params, sink.put)
+        for sink in sinks:
+            while not sink.get(timeout=60).finished:
+                pass
+        assert max(sizes) > EngineLoop.HANDOFF_MAX_OUTPUTS  # some steps ran the whole batch
+        assert [n for _, n in handed_off] == [n for n in sizes if 0 < n <= EngineLoop.HANDOFF_MAX_OUTPUTS]
     finally:
         loop.shutdown()
 

@@ -61,19 +61,23 @@ def wait_idle(stub, timeout=10.0):
     raise AssertionError(f"engine still busy: {load}")
 
 
+STREAMED = 40  # tokens of the streamed-equality test
+
+
 def test_streamed_tokens_equal_the_in_process_engine(stub, model_dir):
     expected = LLMEngine(EngineConfig(model=str(model_dir), block_size=4)).generate(
-        [PROMPT], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2))[0]
-    responses = list(stub.Generate(greedy(output=engine_pb2.OutputOptions(logprobs=2))))
+        [PROMPT], SamplingParams(temperature=0.0, max_tokens=STREAMED, ignore_eos=True, logprobs=2))[0]
+    responses = list(stub.Generate(greedy(STREAMED, output=engine_pb2.OutputOptions(logprobs=2))))
     assert [t for r in responses for t in r.token_ids] == expected.token_ids
     # Really streamed: one response per step, except that a reader who falls behind (this one shares two cores
-    # with the engine's spinning compute threads) gets the steps that queued up merged into one message.
-    assert 4 <= len(responses) <= 16 and all(r.token_ids for r in responses)
+    # with the engine's spinning compute threads) gets the steps that queued up merged into one message. A step
+    # of this tiny model takes well under a millisecond: 40 of them outlast a scheduler's time slice or two.
+    assert 4 <= len(responses) <= STREAMED and all(r.token_ids for r in responses)
     assert [lp.logprob for r in responses for lp in r.logprobs] == pytest.approx(
         [lp.logprob for lp in expected.logprobs], abs=1e-5)
     last = responses[-1]
     assert last.finish_reason == engine_pb2.FINISH_REASON_LENGTH
-    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(PROMPT), 16)
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(PROMPT), STREAMED)
     assert all(r.finish_reason == engine_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
 
 
@@ -377,5 +381,39 @@ def test_loop_outbox_delivers_in_order_with_one_wake_up_per_burst():
         for number, queue in enumerate(queues):
             assert [await queue.get() for _ in range(50)] == [(step, number) for step in range(50)]
         assert 1 <= wake_ups < 50 * len(queues) / 2  # the event loop was busy awaiting: few flushes took many items
+
+    asyncio.run(scenario())
+
+
+def test_loop_outbox_wait_delivered_returns_after_the_woken_consumers_ran():
+    """The engine thread's handoff (EngineLoop.handoff): once wait_delivered returns, each stream woken by the
+    items has taken its item, so the next step's tokens go out as a message of their own."""
+    import asyncio
+
+    from tessera.engine.loop_outbox import LoopOutbox
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        outbox, queues = LoopOutbox(loop), [asyncio.Queue() for _ in range(3)]
+        handled: list[tuple[int, int]] = []
+
+        async def stream(number, queue):
+            for _ in range(20):
+                handled.append((await queue.get(), number))
+
+        consumers = [asyncio.create_task(stream(n, q)) for n, q in enumerate(queues)]
+        seen_by_engine: list[list[tuple[int, int]]] = []
+
+        def engine_thread():
+            for step in range(20):
+                for queue in queues:
+                    outbox.put(queue, step)
+                outbox.wait_delivered(timeout=5.0)
+                seen_by_engine.append(sorted(handled))
+
+        await asyncio.to_thread(engine_thread)
+        await asyncio.gather(*consumers)
+        for step, seen in enumerate(seen_by_engine):
+            assert seen == sorted((s, n) for s in range(step + 1) for n in range(3)), (step, seen)
 
     asyncio.run(scenario())

@@ -46,6 +46,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         """Called on the server's event loop once the model is loaded."""
         self.loop = engine_loop
         self.outbox = LoopOutbox(asyncio.get_running_loop())
+        device = getattr(self.engine.worker, "device", None)  # the in-process worker's; a remote one has none
+        if getattr(device, "type", None) == "cpu":
+            engine_loop.handoff = self.outbox.wait_delivered  # no core to spare: each step's tokens go out first
 
     @property
     def engine(self) -> LLMEngine:
