@@ -21,8 +21,9 @@ pytestmark = pytest.mark.skipif(op is None, reason="the native CPU kernel could 
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-# (query heads, KV heads, head dim, block size): MHA, GQA, a group of 3 with odd sizes, MQA.
-LAYOUTS = [(4, 4, 64, 16), (8, 2, 128, 16), (6, 2, 80, 5), (4, 1, 32, 4)]
+# (query heads, KV heads, head dim, block size): MHA, GQA, a group of 3 with odd sizes, MQA; and for the AVX-512
+# path (head_dim 64 and 128), which pairs the heads of a KV head when their group is even, one of each kind.
+LAYOUTS = [(4, 4, 64, 16), (8, 2, 128, 16), (6, 3, 64, 16), (3, 1, 128, 8), (6, 2, 80, 5), (4, 1, 32, 4)]
 
 
 def decode_batch(seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
