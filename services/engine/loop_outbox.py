@@ -36,7 +36,12 @@ class LoopOutbox:
         for queue, item in items:
             queue.put_nowait(item)
         # The streams woken above run before this callback, in the order call_soon queued them.
-        self._loop.call_soon(self._delivered.set)
+        self._loop.call_soon(self._mark_delivered)
+
+    def _mark_delivered(self) -> None:
+        with self._lock:
+            if not self._pending:  # else items put since the flush wait for the flush they scheduled
+                self._delivered.set()
 
     def wait_delivered(self, timeout: float = 0.05) -> None:
         """From another thread: returns once the items put so far reached their queues and the consumers they
