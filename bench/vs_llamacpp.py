@@ -16,8 +16,9 @@ Both servers get the same requests as token ids: tessera's Engine/Generate over 
 float32|bfloat16, --quantization int8 for the int8 row), llama-server's /completion with "prompt": [ids]. Only
 one server runs at a time, each with the same number of threads, and every round starts them in the other
 order so that drift on a shared machine hits both alike; best of the rounds counts. Workloads, greedy with EOS
-ignored: --streams concurrent streams (prompts 128-256 random ids, 128 output tokens, fixed seed) -> total
-generated tok/s; one stream (32-token prompt, --single-tokens output) -> tok/s and ms/token; one prefill of
+ignored: --streams concurrent streams (prompts 128-256 random ids, 128 output tokens, fixed seed; both servers
+stream every token, llama-server as server-sent events) -> total generated tok/s, and llama-server's figure for
+the same requests answered whole (no streaming) beside it; one stream (32-token prompt, --single-tokens output) -> tok/s and ms/token; one prefill of
 --prefill tokens -> tok/s. llama-server runs with -t/-tb = --threads (tessera: OMP_NUM_THREADS), --parallel
 --llamacpp-slots -cb for the many streams and --parallel 1 for the rest, a KV cache in tessera's dtype (f32, bf16;
 --llamacpp-kv f16 gives it its own default), no prompt cache; tessera with --no-prefix-caching, since rounds
@@ -198,6 +199,7 @@ class Run:
     single_tokens: list[int] = field(default_factory=list)
     single_client_ms_per_token: float = float("inf")  # this process's CPU (the client's) per token of one stream
     prefill_s: float = float("inf")
+    whole_s: float = float("inf")  # llama-server only: the many streams' requests answered whole, unstreamed
 
 
 def process_cpu() -> float:
@@ -331,6 +333,9 @@ class LlamaServer:
                     tokens.extend(chunk["tokens"])
                 if chunk.get("stop"):
                     self.check_prefilled(chunk, prompt)
+                    # A last token that ends inside a UTF-8 sequence is never sent (its text waits for more
+                    # bytes): count it from the final chunk, as -1 (it only ends the agreement count).
+                    tokens.extend([-1] * max(0, chunk.get("tokens_predicted", 0) - len(tokens)))
                     break
             return tokens, arrivals
         finally:
@@ -343,10 +348,10 @@ class LlamaServer:
         if timings.get("cache_n", 0) != 0 or timings.get("prompt_n", len(prompt)) != len(prompt):
             raise RuntimeError(f"llama-server did not prefill the whole prompt: {timings}")
 
-    def many(self, prompts, n: int) -> tuple[float, list[list[int]]]:
+    def many(self, prompts, n: int, stream: bool = True) -> tuple[float, list[list[int]]]:
         with ThreadPoolExecutor(len(prompts)) as pool:  # one blocking HTTP request per thread, all at once
             start = time.perf_counter()
-            results = list(pool.map(lambda prompt: self.complete(prompt, n)[0], prompts))
+            results = list(pool.map(lambda prompt: self.complete(prompt, n, stream)[0], prompts))
             return time.perf_counter() - start, results
 
 
@@ -359,6 +364,10 @@ def run_llamacpp(binary: Path, model: Path, threads: int, sizes: Sizes, prompts,
         server.many(prompts, 4)  # warm-up, as tessera's
         run.streams_s, run.stream_tokens = server.many(prompts, sizes.stream_tokens)
         for tokens in run.stream_tokens:
+            check_count("llama-server", tokens, sizes.stream_tokens)
+        # The same requests answered whole: what streaming costs llama-server (tessera's Generate always streams).
+        run.whole_s, whole = server.many(prompts, sizes.stream_tokens, stream=False)
+        for tokens in whole:
             check_count("llama-server", tokens, sizes.stream_tokens)
     # One stream and prefill: one slot, as a single user would run it.
     with LlamaServer(binary, model, 1, max(sizes.single_prompt + sizes.single_tokens, sizes.prefill + 1) + 16,
@@ -424,6 +433,8 @@ def report(name: str, precision: Precision, kv: str, sizes: Sizes, runs: dict[st
         ratio = theirs / ours if "ms/token" in label else ours / theirs  # > 1: tessera is faster
         verdict = f">= {goal:g}x: {'met' if ratio >= goal else 'NOT met'}" if goal else ""
         print(f"{label:<34}{ours:10.1f}{theirs:11.1f}{ratio:7.2f}x   {verdict}")
+    whole = sizes.streams * sizes.stream_tokens / best(lc, "whole_s")
+    print(f"{'  llama.cpp unstreamed (whole)':<34}{'':>10}{whole:11.1f}{rows[0][1] / whole:7.2f}x")
     streams = leading_agreement(ts[-1].stream_tokens, lc[-1].stream_tokens, sizes.stream_tokens)
     single = leading_agreement([ts[-1].single_tokens], [lc[-1].single_tokens], sizes.single_tokens)
     counted = {side: sum(map(len, rs[-1].stream_tokens)) for side, rs in runs.items()}

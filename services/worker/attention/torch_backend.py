@@ -55,6 +55,13 @@ class TorchAttentionBackend(AttentionBackend):
         start = meta.num_decodes
         for i in range(meta.num_decodes, meta.num_reqs):
             q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
+            if q_len == seq_len and sliding_window is None:
+                # A whole prompt at once: its keys are this step's, and causal attention needs no mask (SDPA
+                # skips the blocks above the diagonal and nothing is gathered).
+                out[start : start + q_len] = _sdpa(q[start : start + q_len].unsqueeze(0), k[start : start + q_len]
+                                                   .unsqueeze(0), v[start : start + q_len].unsqueeze(0), None, scale)[0]
+                start += q_len
+                continue
             keys = gather_context(kv_cache[0], meta.block_tables[i], seq_len)
             values = gather_context(kv_cache[1], meta.block_tables[i], seq_len)
             # Query j sits at absolute position seq_len - q_len + j and sees keys up to it.
@@ -87,10 +94,11 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 def _sdpa(q, k, v, mask, scale):
-    """q [b, q_len, heads, d], k/v [b, kv_len, kv_heads, d], mask [b, q_len, kv_len] -> [b, q_len, heads, d]."""
+    """q [b, q_len, heads, d], k/v [b, kv_len, kv_heads, d], mask [b, q_len, kv_len] -> [b, q_len, heads, d].
+    mask None: causal, with q_len == kv_len."""
     # enable_gqa lets query-head groups share a KV head without copying keys and values per group.
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=scale,
-        enable_gqa=q.shape[2] != k.shape[2],
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+        **(dict(is_causal=True) if mask is None else dict(attn_mask=mask.unsqueeze(1))),
     )
     return out.transpose(1, 2)
