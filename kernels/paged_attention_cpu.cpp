@@ -142,7 +142,7 @@ constexpr int64_t kBlocksAhead = 2;  // how far ahead blocks are prefetched (1-3
 
 // One request with AVX-512, block by block: a block holds each of its tokens' keys (then values) for every KV
 // head as one contiguous row, so visiting every head within a block reads it once, front to back, while a block
-// further on is prefetched, a share of it per head visited so the requests spread out. (One KV head at a time
+// further on is prefetched, a share of it per head visited so the prefetches spread out. (One KV head at a time
 // over the whole context read each scattered block once per KV head, in strides: bf16 at a third of the memory's
 // bandwidth; 48 requests x 280 tokens, cold: 1.0 -> 0.58 ms a layer on the 2-core Zen 5.)
 template <typename T, int NV, int P>
