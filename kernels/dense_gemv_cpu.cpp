@@ -1,13 +1,13 @@
 // The float32 / bfloat16 linear layer (services/worker/models/packed_linear.py) for a decode step of one to a
 // few requests: y = x W^T + b for x of at most MAX_ROWS rows. At one row a matmul only streams its weights, and
 // oneDNN's kernels, blocked for batches, stream them at ~14 GB/s on the 2-core EPYC where a plain read reaches
-// ~30; this kernel reads each weight byte once, in order, with the next blocks prefetched.
+// ~30-40; this kernel reads each thread's share of the weight as one sequential stream, prefetched ahead.
 //
-// The weight is packed once (gemv_pack) into blocks of 16 output rows, so that one 64-byte load holds the same
-// k for 16 outputs and no horizontal sums are needed:
-//   float32:  [n / 16][k][16]           one fused multiply-add per load, x[k] broadcast;
-//   bfloat16: [n / 16][k / 2][16][2]    one AVX512-BF16 dot of pairs per load, x[k:k+2] broadcast (VNNI layout).
-// n is padded to 16 and k (bfloat16) to 2 with zeros. Sums are float32 in another order than oneDNN's, so
+// The weight is packed once (gemv_pack) into units of 64 output rows, so that one 64-byte load holds the same k
+// for 16 outputs (no horizontal sums) and a unit's four such loads per k are adjacent:
+//   float32:  [n / 64][k][64]           a fused multiply-add per load, x[k] broadcast;
+//   bfloat16: [n / 64][k / 2][64][2]    an AVX512-BF16 dot of pairs per load, x[k:k+2] broadcast (VNNI layout).
+// n is padded to 64 and k (bfloat16) to 2 with zeros. Sums are float32 in another order than oneDNN's, so
 // results differ by float rounding. Registered as torch.ops.tessera.{gemv_pack, gemv}.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,87 +23,116 @@
 
 namespace {
 
-constexpr int64_t BLOCK = 16;    // outputs per packed block: one 512-bit vector of float32 sums
+constexpr int64_t LANES = 16;    // outputs per 512-bit vector of float32 sums
+constexpr int64_t UNIT = 64;     // outputs per packed unit: four vectors, one 256-byte row of the unit per k
 constexpr int64_t MAX_ROWS = 4;  // rows of x per call: 4 x 4 accumulators stay in registers
-constexpr int64_t PREFETCH = 1024;  // bytes ahead in each block's stream
+constexpr int64_t PREFETCH = 2048;  // bytes ahead in the stream: eight steps of k
 
 bool has_avx512_bf16() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
   return yes;
 }
 
-// Sums (+ bias) of NB blocks from block b0 stored as T, only the first n outputs of each row.
-template <int ROWS, int NB, typename T>
-__attribute__((target("avx512f"))) inline void store(__m512 (&acc)[ROWS][NB], int64_t b0, int64_t n,
-                                                     const float* bias, T* out) {
-  alignas(64) float lane[BLOCK];
-  for (int r = 0; r < ROWS; ++r)
-    for (int b = 0; b < NB; ++b) {
-      _mm512_store_ps(lane, acc[r][b]);
-      const int64_t first = (b0 + b) * BLOCK;
-      for (int64_t j = 0; j < BLOCK && first + j < n; ++j)
-        out[r * n + first + j] = static_cast<T>(bias != nullptr ? lane[j] + bias[first + j] : lane[j]);
-    }
-}
-
-// NB blocks (up to 64 outputs) for ROWS rows: NB weight streams, ROWS x NB accumulators in registers.
-template <int ROWS, int NB>
-__attribute__((target("avx512f"))) void unit_f32(const float* x, int64_t k, const float* w, int64_t b0, int64_t n,
-                                                 const float* bias, float* out) {
-  __m512 acc[ROWS][NB];
-  for (int r = 0; r < ROWS; ++r)
-    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
-  const int64_t stride = k * BLOCK;
-  for (int64_t i = 0; i < k; ++i) {
-    __m512 xv[ROWS];
-    for (int r = 0; r < ROWS; ++r) xv[r] = _mm512_set1_ps(x[r * k + i]);
-    for (int b = 0; b < NB; ++b) {
-      const float* wb = w + b * stride + i * BLOCK;
-      _mm_prefetch(reinterpret_cast<const char*>(wb) + PREFETCH, _MM_HINT_T0);
-      const __m512 wv = _mm512_loadu_ps(wb);
-      for (int r = 0; r < ROWS; ++r) acc[r][b] = _mm512_fmadd_ps(xv[r], wv, acc[r][b]);
-    }
-  }
-  store<ROWS, NB>(acc, b0, n, bias, out);
-}
-
-template <int ROWS, int NB>
-__attribute__((target("avx512f,avx512bf16"))) void unit_bf16(const uint32_t* x_pairs, int64_t pairs,
-                                                              const uint16_t* w, int64_t b0, int64_t n,
-                                                              const float* bias, at::BFloat16* out) {
-  __m512 acc[ROWS][NB];
-  for (int r = 0; r < ROWS; ++r)
-    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
-  const int64_t stride = pairs * BLOCK * 2;
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh xv[ROWS];
-    for (int r = 0; r < ROWS; ++r) xv[r] = (__m512bh)_mm512_set1_epi32(x_pairs[r * pairs + p]);
-    for (int b = 0; b < NB; ++b) {
-      const uint16_t* wb = w + b * stride + p * BLOCK * 2;
-      _mm_prefetch(reinterpret_cast<const char*>(wb) + PREFETCH, _MM_HINT_T0);
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(wb);
-      for (int r = 0; r < ROWS; ++r) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xv[r], wv);
-    }
-  }
-  store<ROWS, NB>(acc, b0, n, bias, out);
-}
-
-template <int ROWS, int NB>
-void unit(bool bf16, const void* x, int64_t k, const at::Tensor& packed, int64_t b0, int64_t n, const float* bias,
-          at::Tensor& out) {
-  if (bf16) {
-    const auto* w = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>()) + b0 * packed.stride(0);
-    unit_bf16<ROWS, NB>(static_cast<const uint32_t*>(x), (k + 1) / 2, w, b0, n, bias,
-                        out.mutable_data_ptr<at::BFloat16>());
-  } else {
-    unit_f32<ROWS, NB>(static_cast<const float*>(x), k, packed.const_data_ptr<float>() + b0 * packed.stride(0), b0,
-                       n, bias, out.mutable_data_ptr<float>());
-  }
+// Sums (+ bias) of unit u stored, only the first n outputs of each row; vector stores, as the scalar rounding of
+// 64 outputs took as long as a tenth of the unit's weights take to stream.
+inline __attribute__((target("avx512f"))) __mmask16 lanes_below(int64_t first, int64_t n) {
+  const int64_t left = n - first;
+  return left >= LANES ? static_cast<__mmask16>(0xFFFF) : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
 }
 
 template <int ROWS>
+__attribute__((target("avx512f"))) inline void store(__m512 (&acc)[ROWS][4], int64_t u, int64_t n,
+                                                     const float* bias, float* out) {
+  for (int b = 0; b < 4; ++b) {
+    const int64_t first = u * UNIT + b * LANES;
+    const __mmask16 m = lanes_below(first, n);
+    const __m512 add = bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + first) : _mm512_setzero_ps();
+    for (int r = 0; r < ROWS; ++r) _mm512_mask_storeu_ps(out + r * n + first, m, _mm512_add_ps(acc[r][b], add));
+  }
+}
+
+// bfloat16 outputs rounded to nearest even, as at::BFloat16 rounds.
+template <int ROWS>
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline void store(
+    __m512 (&acc)[ROWS][4], int64_t u, int64_t n, const float* bias, at::BFloat16* out) {
+  for (int b = 0; b < 4; ++b) {
+    const int64_t first = u * UNIT + b * LANES;
+    const __mmask16 m = lanes_below(first, n);
+    const __m512 add = bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + first) : _mm512_setzero_ps();
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][b], add));
+      _mm256_mask_storeu_epi16(out + r * n + first, m, v);
+    }
+  }
+}
+
+// Prefetches the four cache lines PREFETCH bytes past step (256 bytes) p.
+inline void prefetch_step(const void* step) {
+  const char* ahead = static_cast<const char*>(step) + PREFETCH;
+  for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+}
+
+template <int ROWS>
+__attribute__((target("avx512f"))) void unit_f32(const float* x, int64_t k, const float* w, int64_t u, int64_t n,
+                                                 const float* bias, float* out) {
+  __m512 acc[ROWS][4];
+  for (int r = 0; r < ROWS; ++r)
+    for (int b = 0; b < 4; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; ++i) {
+    const float* step = w + i * UNIT;
+    prefetch_step(step);
+    __m512 xv[ROWS];
+    for (int r = 0; r < ROWS; ++r) xv[r] = _mm512_set1_ps(x[r * k + i]);
+    for (int b = 0; b < 4; ++b) {
+      const __m512 wv = _mm512_loadu_ps(step + b * LANES);
+      for (int r = 0; r < ROWS; ++r) acc[r][b] = _mm512_fmadd_ps(xv[r], wv, acc[r][b]);
+    }
+  }
+  store<ROWS>(acc, u, n, bias, out);
+}
+
+template <int ROWS>
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void unit_bf16(const uint32_t* x_pairs, int64_t pairs,
+                                                              const uint16_t* w, int64_t u, int64_t n,
+                                                              const float* bias, at::BFloat16* out) {
+  __m512 acc[ROWS][4];
+  for (int r = 0; r < ROWS; ++r)
+    for (int b = 0; b < 4; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* step = w + p * UNIT * 2;
+    prefetch_step(step);
+    __m512bh xv[ROWS];
+    for (int r = 0; r < ROWS; ++r) xv[r] = (__m512bh)_mm512_set1_epi32(x_pairs[r * pairs + p]);
+    for (int b = 0; b < 4; ++b) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(step + b * LANES * 2);
+      for (int r = 0; r < ROWS; ++r) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xv[r], wv);
+    }
+  }
+  store<ROWS>(acc, u, n, bias, out);
+}
+
+template <int ROWS>
+void unit(bool bf16, const void* x, int64_t k, const at::Tensor& packed, int64_t u, int64_t n, const float* bias,
+          at::Tensor& out) {
+  if (bf16) {
+    const auto* w = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>()) + u * packed.stride(0);
+    unit_bf16<ROWS>(static_cast<const uint32_t*>(x), (k + 1) / 2, w, u, n, bias, out.mutable_data_ptr<at::BFloat16>());
+  } else {
+    unit_f32<ROWS>(static_cast<const float*>(x), k, packed.const_data_ptr<float>() + u * packed.stride(0), u, n, bias,
+                   out.mutable_data_ptr<float>());
+  }
+}
+
+// The next unit of a thread's share, claimed one at a time so that a thread done early can take over the rest
+// of another's share; on its own cache line, as both may touch it.
+struct alignas(64) Share {
+  std::atomic<int64_t> next;
+  int64_t end;
+};
+
+template <int ROWS>
 void run_rows(const at::Tensor& x, const at::Tensor& packed, const float* bias, int64_t n, at::Tensor& out) {
-  const int64_t k = x.size(1), total_blocks = packed.size(0);
+  const int64_t k = x.size(1), units = packed.size(0);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   // bfloat16 x as k/2 pairs (the last padded with a zero), each broadcast as one 32-bit value.
   const int64_t npairs = (k + 1) / 2;
@@ -113,22 +142,22 @@ void run_rows(const at::Tensor& x, const at::Tensor& packed, const float* bias, 
     for (int r = 0; r < ROWS; ++r) std::memcpy(pairs.data() + r * npairs, xp + r * k, k * 2);
   }
   const void* xs = bf16 ? static_cast<const void*>(pairs.data()) : static_cast<const void*>(x.const_data_ptr<float>());
-  // Units of 4 blocks, taken in turn by whichever thread is free: on a machine also running the server's
-  // threads, a thread that lost its core for a while leaves its share to the others instead of holding the
-  // whole step up (at::parallel_for hands each thread a fixed part).
-  const int64_t units = (total_blocks + 3) / 4;
-  std::atomic<int64_t> next{0};
+  // Each thread streams its own contiguous share front to back: one sequential read that the prefetches run
+  // ahead of (units handed out in turn made every thread jump between far-apart units: ~1.5x slower). A thread
+  // done with its share helps with the next unfinished one, so that a thread that lost its core to the
+  // server's other threads leaves its share to the rest rather than holding up the whole step.
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), units));
+  std::vector<Share> shares(threads);
+  for (int t = 0; t < threads; ++t) {
+    shares[t].next.store(units * t / threads, std::memory_order_relaxed);
+    shares[t].end = units * (t + 1) / threads;
+  }
 #pragma omp parallel num_threads(threads) if (threads > 1 && !omp_in_parallel())
   {
-    for (int64_t u = next++; u < units; u = next++) {
-      const int64_t b0 = u * 4;
-      switch (std::min<int64_t>(4, total_blocks - b0)) {
-        case 4: unit<ROWS, 4>(bf16, xs, k, packed, b0, n, bias, out); break;
-        case 3: unit<ROWS, 3>(bf16, xs, k, packed, b0, n, bias, out); break;
-        case 2: unit<ROWS, 2>(bf16, xs, k, packed, b0, n, bias, out); break;
-        default: unit<ROWS, 1>(bf16, xs, k, packed, b0, n, bias, out); break;
-      }
+    const int me = omp_get_thread_num();  // 0 when the region runs on this thread alone
+    for (int i = 0; i < threads; ++i) {
+      Share& share = shares[(me + i) % threads];
+      for (int64_t u = share.next++; u < share.end; u = share.next++) unit<ROWS>(bf16, xs, k, packed, u, n, bias, out);
     }
   }
 }
@@ -143,15 +172,16 @@ at::Tensor gemv_pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2, "gemv_pack: weight [n, k] on the CPU");
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
               "gemv_pack: a float32 or bfloat16 weight");
-  const int64_t n = weight.size(0), k = weight.size(1), nblocks = (n + BLOCK - 1) / BLOCK;
-  auto w = at::zeros({nblocks * BLOCK, k}, weight.options());
-  w.slice(0, 0, n).copy_(weight);
-  if (weight.scalar_type() == at::kFloat)  // [nb, 16, k] -> [nb, k, 16]
-    return w.view({nblocks, BLOCK, k}).transpose(1, 2).contiguous();
-  const int64_t kp = (k + 1) / 2 * 2;  // [nb, 16, k/2, 2] -> [nb, k/2, 16, 2]
-  auto padded = at::zeros({nblocks * BLOCK, kp}, weight.options());
-  padded.slice(1, 0, k).copy_(w);
-  return padded.view({nblocks, BLOCK, kp / 2, 2}).transpose(1, 2).contiguous();
+  const int64_t n = weight.size(0), k = weight.size(1), units = (n + UNIT - 1) / UNIT;
+  if (weight.scalar_type() == at::kFloat) {  // [units, 64, k] -> [units, k, 64]
+    auto w = at::zeros({units * UNIT, k}, weight.options());
+    w.slice(0, 0, n).copy_(weight);
+    return w.view({units, UNIT, k}).transpose(1, 2).contiguous();
+  }
+  const int64_t kp = (k + 1) / 2 * 2;  // [units, 64, k/2, 2] -> [units, k/2, 64, 2]
+  auto w = at::zeros({units * UNIT, kp}, weight.options());
+  w.slice(0, 0, n).slice(1, 0, k).copy_(weight);
+  return w.view({units, UNIT, kp / 2, 2}).transpose(1, 2).contiguous();
 }
 
 // x [m, k] (m <= 4) in the packed weight's dtype; bias [n] float32 or none. Returns [m, n] in x's dtype.
@@ -165,7 +195,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const c10::option
   TORCH_CHECK(bf16 ? (packed.dim() == 4 && packed.size(1) == (x.size(1) + 1) / 2)
                    : (packed.dim() == 3 && packed.size(1) == x.size(1)),
               "gemv: a weight packed by gemv_pack with k = ", x.size(1));
-  TORCH_CHECK(n > (packed.size(0) - 1) * BLOCK && n <= packed.size(0) * BLOCK, "gemv: n = ", n,
+  TORCH_CHECK(n > (packed.size(0) - 1) * UNIT && n <= packed.size(0) * UNIT, "gemv: n = ", n,
               " does not fit the packed blocks");
   const auto xc = x.contiguous();
   at::Tensor bc;

@@ -112,8 +112,8 @@ def test_gemv_refuses_what_it_cannot_compute():
         torch.ops.tessera.gemv(torch.randn(5, 24), packed, None, 40)
     with pytest.raises(RuntimeError, match="packed by gemv_pack with k = 23"):
         torch.ops.tessera.gemv(torch.randn(1, 23), packed, None, 40)
-    with pytest.raises(RuntimeError, match="n = 50 does not fit"):
-        torch.ops.tessera.gemv(torch.randn(1, 24), packed, None, 50)
+    with pytest.raises(RuntimeError, match="n = 70 does not fit"):
+        torch.ops.tessera.gemv(torch.randn(1, 24), packed, None, 70)
     with pytest.raises(RuntimeError, match="one dtype"):
         torch.ops.tessera.gemv(torch.randn(1, 24).bfloat16(), packed, None, 40)
 
