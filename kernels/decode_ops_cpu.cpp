@@ -23,6 +23,7 @@
 #include <cmath>
 #include <immintrin.h>
 #include <cstring>
+#include <limits>
 #include <tuple>
 
 #include "vec_exp.h"
@@ -256,6 +257,20 @@ at::Tensor int8_linear_rows(const at::Tensor& x, const at::Tensor& weight, const
   return op.call(x, weight, weight_scale, weight_sums, bias);
 }
 
+// A token's keys (or values), heads x head_dim, as int8 rows with their float32 scales
+// (services/worker/attention/int8_kv.py: absmax / 127, then each value / scale rounded to nearest even).
+template <typename T>
+void quantize_heads(const T* x, int64_t heads, int64_t head_dim, int8_t* rows) {
+  for (int64_t h = 0; h < heads; ++h, x += head_dim, rows += head_dim + 4) {
+    float amax = 0.f;
+    for (int64_t d = 0; d < head_dim; ++d) amax = std::max(amax, std::fabs(static_cast<float>(x[d])));
+    const float scale = amax / 127.f, divisor = std::max(scale, std::numeric_limits<float>::min());
+    for (int64_t d = 0; d < head_dim; ++d)
+      rows[d] = static_cast<int8_t>(std::clamp(std::nearbyint(static_cast<float>(x[d]) / divisor), -127.f, 127.f));
+    std::memcpy(rows + head_dim, &scale, sizeof scale);
+  }
+}
+
 // Projection i of the layer (qkv, o, gate_up, down) with n outputs: weights holds one gemv-packed tensor per
 // projection, or three (int8 values, scales, row sums: int8_linear_cpu.cpp) for an int8 layer.
 at::Tensor project(int64_t i, const at::Tensor& x, at::TensorList weights,
@@ -277,11 +292,12 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
     int64_t window) {
   TORCH_CHECK((weights.size() == 4 || weights.size() == 12) && biases.size() == 4,
               "decode_layer: 4 projections (qkv, o, gate_up, down), 1 or 3 tensors each, and their biases");
+  const bool int8 = kv_cache.scalar_type() == at::kChar;
   TORCH_CHECK(x.dim() == 2 && slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == x.size(0) &&
                   kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(3) == num_kv_heads &&
-                  kv_cache.size(4) == head_dim && kv_cache.scalar_type() == x.scalar_type(),
+                  kv_cache.size(4) == head_dim + (int8 ? 4 : 0) && (int8 || kv_cache.scalar_type() == x.scalar_type()),
               "decode_layer: x [n, hidden], int64 slot_mapping [n], a contiguous kv_cache [2, blocks, block_size, "
-              "kv_heads, head_dim] of x's dtype");
+              "kv_heads, head_dim] of x's dtype, or int8 [..., head_dim + 4]");
   const int64_t n = x.size(0), hidden = x.size(1), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   auto [h, stream] = add_rms_norm(x, residual, input_norm, eps);
   if (!residual.has_value() || !residual->defined()) stream = x;
@@ -291,15 +307,25 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   auto k = qkv.narrow(1, q_size, kv_size).view({n, num_kv_heads, head_dim});
   rotary_(q, k, positions, cos_sin_cache);
   // This token's key and value into its slot of the paged cache (attention_backend.write_kv).
-  const int64_t slots = kv_cache.size(1) * kv_cache.size(2), bytes = kv_size * x.element_size();
+  const int64_t slots = kv_cache.size(1) * kv_cache.size(2);
+  const int64_t bytes = int8 ? num_kv_heads * (head_dim + 4) : kv_size * x.element_size();  // a slot's, one plane
   const int64_t* slot = slot_mapping.const_data_ptr<int64_t>();
   auto* planes = static_cast<char*>(kv_cache.data_ptr());
   const auto* rows = static_cast<const char*>(qkv.const_data_ptr());
   for (int64_t r = 0; r < n; ++r) {
     TORCH_CHECK(slot[r] >= 0 && slot[r] < slots, "decode_layer: slot ", slot[r], " outside the cache's ", slots);
     const char* row = rows + r * qkv.stride(0) * x.element_size();
-    std::memcpy(planes + slot[r] * bytes, row + q_size * x.element_size(), bytes);
-    std::memcpy(planes + (slots + slot[r]) * bytes, row + (q_size + kv_size) * x.element_size(), bytes);
+    for (int plane = 0; plane < 2; ++plane) {
+      const char* from = row + (q_size + plane * kv_size) * x.element_size();
+      char* to = planes + (plane * slots + slot[r]) * bytes;
+      if (!int8) {
+        std::memcpy(to, from, bytes);
+      } else if (x.scalar_type() == at::kBFloat16) {
+        quantize_heads(reinterpret_cast<const at::BFloat16*>(from), num_kv_heads, head_dim, reinterpret_cast<int8_t*>(to));
+      } else {
+        quantize_heads(reinterpret_cast<const float*>(from), num_kv_heads, head_dim, reinterpret_cast<int8_t*>(to));
+      }
+    }
   }
   const auto attention = paged_decode_attention(q, kv_cache[0], kv_cache[1], block_tables, seq_lens, scale, window);
   const auto o = project(1, attention.view({n, q_size}), weights, biases, hidden);

@@ -4,6 +4,10 @@
 // block, every head within a block, and keeps the queries and outputs of two heads sharing a KV head in registers
 // (64 decodes of 260 tokens, bf16, cache-resident: ~1.6 ms a layer -> ~0.5 ms on the 2-core EPYC).
 //
+// The cache holds the query's dtype, or int8 (--kv-cache-dtype int8): each row of head_dim int8 values followed by
+// its float32 scale (4 bytes), value = int8 * scale; the kernel takes the scale out of each score and each value
+// weight, so rows are read as bytes and widened in registers.
+//
 // Built on first use by kernels/paged_attention_cpu.py and registered as torch.ops.tessera.paged_decode_attention.
 // Reference: the PyTorch backend's gather + scaled_dot_product_attention (services/worker/attention/torch_backend.py).
 #include <ATen/ATen.h>
@@ -13,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -20,11 +25,23 @@
 
 namespace {
 
+// The scale of a cache row of head_dim elements: 1 but for int8 rows, whose float32 scale follows the values.
+template <typename C>
+inline float row_scale(const C* row, int64_t head_dim) {
+  if constexpr (std::is_same_v<C, int8_t>) {
+    float scale;
+    std::memcpy(&scale, row + head_dim, sizeof scale);
+    return scale;
+  } else {
+    return 1.f;
+  }
+}
+
 // One work item: request r, all its heads. Each token's keys (then values) for every KV head sit together in
 // the cache, so one pass reads them as one contiguous row; the `group` query heads of a KV head share it.
 // Scores for the whole context fit in a small buffer (heads x context floats): softmax runs in plain passes.
-template <typename T>
-void attend_request(T* out, const T* q, const T* keys, const T* values, const int32_t* block_table, int64_t seq_len,
+template <typename T, typename C>
+void attend_request(T* out, const T* q, const C* keys, const C* values, const int32_t* block_table, int64_t seq_len,
                     int64_t window, int64_t heads, int64_t group, int64_t head_dim, int64_t block_size,
                     int64_t block_stride, int64_t slot_stride, int64_t head_stride, float scale,
                     std::vector<float>& scores, std::vector<float>& query, std::vector<float>& acc) {
@@ -37,14 +54,14 @@ void attend_request(T* out, const T* q, const T* keys, const T* values, const in
 
   for (int64_t t = 0; t < length; ++t) {
     const int64_t position = first + t;
-    const T* k = keys + block_table[position / block_size] * block_stride + (position % block_size) * slot_stride;
+    const C* k = keys + block_table[position / block_size] * block_stride + (position % block_size) * slot_stride;
     for (int64_t h = 0; h < heads; ++h) {
-      const T* kh = k + (h / group) * head_stride;
+      const C* kh = k + (h / group) * head_stride;
       const float* qh = query.data() + h * head_dim;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
       for (int64_t d = 0; d < head_dim; ++d) s += qh[d] * static_cast<float>(kh[d]);
-      scores[h * length + t] = s;
+      scores[h * length + t] = s * row_scale(kh, head_dim);
     }
   }
   for (int64_t h = 0; h < heads; ++h) {
@@ -63,10 +80,10 @@ void attend_request(T* out, const T* q, const T* keys, const T* values, const in
   }
   for (int64_t t = 0; t < length; ++t) {
     const int64_t position = first + t;
-    const T* v = values + block_table[position / block_size] * block_stride + (position % block_size) * slot_stride;
+    const C* v = values + block_table[position / block_size] * block_stride + (position % block_size) * slot_stride;
     for (int64_t h = 0; h < heads; ++h) {
-      const T* vh = v + (h / group) * head_stride;
-      const float p = scores[h * length + t];
+      const C* vh = v + (h / group) * head_stride;
+      const float p = scores[h * length + t] * row_scale(vh, head_dim);
       float* ah = acc.data() + h * head_dim;
 #pragma omp simd
       for (int64_t d = 0; d < head_dim; ++d) ah[d] += p * static_cast<float>(vh[d]);
@@ -84,11 +101,14 @@ __attribute__((target("avx512f"))) inline __m512 load16(const c10::BFloat16* p) 
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
+__attribute__((target("avx512f"))) inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 
 // Scores of P query heads (1 or 2) that share a KV head, from head h, against the tokens [t0, t1) of one block
 // (k: the block's row of that KV head for token 0): each key row is loaded and converted once for all P.
-template <typename T, int NV, int P>
-__attribute__((target("avx512f"))) inline void score_block(const T* q, const T* k, int64_t t0, int64_t t1,
+template <typename T, typename C, int NV, int P>
+__attribute__((target("avx512f"))) inline void score_block(const T* q, const C* k, int64_t t0, int64_t t1,
                                                            int64_t slot_stride, float scale, float* s,
                                                            int64_t length) {
   constexpr int64_t D = 16 * NV;
@@ -96,21 +116,22 @@ __attribute__((target("avx512f"))) inline void score_block(const T* q, const T* 
   for (int p = 0; p < P; ++p)
     for (int j = 0; j < NV; ++j) qv[p][j] = _mm512_mul_ps(load16(q + p * D + 16 * j), _mm512_set1_ps(scale));
   for (int64_t t = t0; t < t1; ++t) {
-    const T* kt = k + t * slot_stride;
+    const C* kt = k + t * slot_stride;
     __m512 dot[P];
     for (int p = 0; p < P; ++p) dot[p] = _mm512_setzero_ps();
     for (int j = 0; j < NV; ++j) {
       const __m512 kv = load16(kt + 16 * j);
       for (int p = 0; p < P; ++p) dot[p] = _mm512_fmadd_ps(qv[p][j], kv, dot[p]);
     }
-    for (int p = 0; p < P; ++p) s[p * length + t - t0] = _mm512_reduce_add_ps(dot[p]);
+    const float row = row_scale(kt, D);
+    for (int p = 0; p < P; ++p) s[p * length + t - t0] = _mm512_reduce_add_ps(dot[p]) * row;
   }
 }
 
 // acc (P heads x D floats, in memory) += the tokens [t0, t1) of one block's values weighted by their
 // probabilities s (P rows, `length` apart): the P accumulators stay in registers for the block.
-template <typename T, int NV, int P>
-__attribute__((target("avx512f"))) inline void accumulate_block(float* acc, const T* v, int64_t t0, int64_t t1,
+template <typename C, int NV, int P>
+__attribute__((target("avx512f"))) inline void accumulate_block(float* acc, const C* v, int64_t t0, int64_t t1,
                                                                 int64_t slot_stride, const float* s,
                                                                 int64_t length) {
   constexpr int64_t D = 16 * NV;
@@ -118,9 +139,10 @@ __attribute__((target("avx512f"))) inline void accumulate_block(float* acc, cons
   for (int p = 0; p < P; ++p)
     for (int j = 0; j < NV; ++j) a[p][j] = _mm512_loadu_ps(acc + p * D + 16 * j);
   for (int64_t t = t0; t < t1; ++t) {
-    const T* vt = v + t * slot_stride;
+    const C* vt = v + t * slot_stride;
+    const float row = row_scale(vt, D);
     __m512 weight[P];
-    for (int p = 0; p < P; ++p) weight[p] = _mm512_set1_ps(s[p * length + t - t0]);
+    for (int p = 0; p < P; ++p) weight[p] = _mm512_set1_ps(s[p * length + t - t0] * row);
     for (int j = 0; j < NV; ++j) {
       const __m512 vv = load16(vt + 16 * j);
       for (int p = 0; p < P; ++p) a[p][j] = _mm512_fmadd_ps(weight[p], vv, a[p][j]);
@@ -145,9 +167,9 @@ constexpr int64_t kBlocksAhead = 2;  // how far ahead blocks are prefetched (1-3
 // further on is prefetched, a share of it per head visited so the prefetches spread out. (One KV head at a time
 // over the whole context read each scattered block once per KV head, in strides: bf16 at a third of the memory's
 // bandwidth; 48 requests x 280 tokens, cold: 1.0 -> 0.58 ms a layer on the 2-core Zen 5.)
-template <typename T, int NV, int P>
+template <typename T, typename C, int NV, int P>
 __attribute__((target("avx512f"))) void attend_blocks_avx512(
-    T* out, const T* q, const T* keys, const T* values, const int32_t* block_table, int64_t first, int64_t seq_len,
+    T* out, const T* q, const C* keys, const C* values, const int32_t* block_table, int64_t first, int64_t seq_len,
     int64_t heads, int64_t group, int64_t block_size, int64_t block_stride, int64_t slot_stride,
     int64_t head_stride, float scale, float* s, float* acc) {
   constexpr int64_t D = 16 * NV;
@@ -158,7 +180,7 @@ __attribute__((target("avx512f"))) void attend_blocks_avx512(
     t1 = std::min(seq_len, (b + 1) * block_size) - b * block_size;
   };
   for (int pass = 0; pass < 2; ++pass) {  // keys, then values
-    const T* cache = pass == 0 ? keys : values;
+    const C* cache = pass == 0 ? keys : values;
     int64_t t0, t1;
     for (int64_t b = b0; b < std::min(b1, b0 + kBlocksAhead); ++b) {
       span(b, t0, t1);
@@ -168,18 +190,18 @@ __attribute__((target("avx512f"))) void attend_blocks_avx512(
       const int64_t next = b + kBlocksAhead;
       int64_t n0 = 0, n1 = 0;
       if (next < b1) span(next, n0, n1);
-      const T* ahead = next < b1 ? cache + block_table[next] * block_stride : nullptr;
+      const C* ahead = next < b1 ? cache + block_table[next] * block_stride : nullptr;
       span(b, t0, t1);
-      const T* block = cache + block_table[b] * block_stride;
+      const C* block = cache + block_table[b] * block_stride;
       const int64_t offset = b * block_size + t0 - first;  // of the block's first token in the scores
       for (int64_t h = 0; h < heads; h += P) {
         if (ahead != nullptr)
           prefetch_rows(ahead, n0 + (n1 - n0) * h / heads, n0 + (n1 - n0) * (h + P) / heads, slot_stride, row);
-        const T* kv = block + (h / group) * head_stride;
+        const C* kv = block + (h / group) * head_stride;
         if (pass == 0)
-          score_block<T, NV, P>(q + h * D, kv, t0, t1, slot_stride, scale, s + h * length + offset, length);
+          score_block<T, C, NV, P>(q + h * D, kv, t0, t1, slot_stride, scale, s + h * length + offset, length);
         else
-          accumulate_block<T, NV, P>(acc + h * D, kv, t0, t1, slot_stride, s + h * length + offset, length);
+          accumulate_block<C, NV, P>(acc + h * D, kv, t0, t1, slot_stride, s + h * length + offset, length);
       }
     }
     if (pass == 1) break;
@@ -202,29 +224,68 @@ __attribute__((target("avx512f"))) void attend_blocks_avx512(
   }
 }
 
-template <typename T, int NV>
-void attend_request_avx512(T* out, const T* q, const T* keys, const T* values, const int32_t* block_table,
+template <typename T, typename C, int NV>
+void attend_request_avx512(T* out, const T* q, const C* keys, const C* values, const int32_t* block_table,
                            int64_t seq_len, int64_t window, int64_t heads, int64_t group, int64_t block_size,
                            int64_t block_stride, int64_t slot_stride, int64_t head_stride, float scale,
                            std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t first = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
   scores.resize(heads * (seq_len - first));
   acc.resize(heads * 16 * NV);
-  const auto call = group % 2 == 0 ? attend_blocks_avx512<T, NV, 2> : attend_blocks_avx512<T, NV, 1>;
+  const auto call = group % 2 == 0 ? attend_blocks_avx512<T, C, NV, 2> : attend_blocks_avx512<T, C, NV, 1>;
   call(out, q, keys, values, block_table, first, seq_len, heads, group, block_size, block_stride, slot_stride,
        head_stride, scale, scores.data(), acc.data());
 }
 
-// Whether attend_request_avx512 serves this dtype and head size on this CPU.
+// Whether attend_request_avx512 serves this query dtype and head size on this CPU.
 template <typename T>
 bool vector_path(int64_t head_dim) {
   return (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) && (head_dim == 64 || head_dim == 128) &&
          tessera_vec::has_avx512();
 }
 
-// q [n, heads, head_dim]; key_cache / value_cache [num_blocks, block_size, kv_heads, head_dim];
-// block_tables [n, max_blocks] int32; seq_lens [n] int32 (the context including the query token);
-// window: sliding window in tokens, 0 for none. Returns [n, heads, head_dim].
+// Every request against caches of element type C (the queries' T, or int8_t).
+template <typename T, typename C>
+void attend_all(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                const at::Tensor& tables, const at::Tensor& lens, float scale, int64_t window, at::Tensor& out) {
+  const int64_t n = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  const int64_t block_size = key_cache.size(1), group = heads / key_cache.size(2), max_blocks = tables.size(1);
+  const T* q_ptr = q.const_data_ptr<T>();
+  const C* k_ptr = static_cast<const C*>(key_cache.const_data_ptr());
+  const C* v_ptr = static_cast<const C*>(value_cache.const_data_ptr());
+  T* out_ptr = out.mutable_data_ptr<T>();
+  const int32_t* table_ptr = tables.const_data_ptr<int32_t>();
+  const int32_t* len_ptr = lens.const_data_ptr<int32_t>();
+  const int64_t block_stride = key_cache.stride(0), slot_stride = key_cache.stride(1), head_stride = key_cache.stride(2);
+  // Requests arrive sorted by context length, so contiguous ranges would load the threads unevenly: each
+  // lane takes every lanes-th request instead.
+  const int64_t lanes = std::min<int64_t>(at::get_num_threads(), n);
+  const bool vector = vector_path<T>(head_dim);
+  at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, query, acc;  // per thread, reused across its requests
+    for (int64_t lane = begin; lane < end; ++lane) {
+      for (int64_t r = lane; r < n; r += lanes) {
+        const int64_t offset = r * heads * head_dim;
+        if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+          if (vector) {
+            const auto call = head_dim == 64 ? attend_request_avx512<T, C, 4> : attend_request_avx512<T, C, 8>;
+            call(out_ptr + offset, q_ptr + offset, k_ptr, v_ptr, table_ptr + r * max_blocks, len_ptr[r], window, heads,
+                 group, block_size, block_stride, slot_stride, head_stride, scale, scores, acc);
+            continue;
+          }
+        }
+        attend_request<T, C>(out_ptr + offset, q_ptr + offset, k_ptr, v_ptr, table_ptr + r * max_blocks, len_ptr[r],
+                             window, heads, group, head_dim, block_size, block_stride, slot_stride, head_stride, scale,
+                             scores, query, acc);
+      }
+    }
+  });
+}
+
+// q [n, heads, head_dim]; key_cache / value_cache [num_blocks, block_size, kv_heads, head_dim] in q's dtype, or
+// int8 [..., head_dim + 4] (each row's float32 scale after its values); block_tables [n, max_blocks] int32;
+// seq_lens [n] int32 (the context including the query token); window: sliding window in tokens, 0 for none.
+// Returns [n, heads, head_dim].
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                                   int64_t window) {
@@ -235,50 +296,23 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
               "paged_decode_attention: block_tables and seq_lens must be int32");
   TORCH_CHECK(key_cache.stride(3) == 1 && value_cache.stride(3) == 1 && key_cache.strides() == value_cache.strides(),
               "paged_decode_attention: the head dimension of the caches must be contiguous");
-  TORCH_CHECK(q.scalar_type() == key_cache.scalar_type() && q.scalar_type() == value_cache.scalar_type(),
-              "paged_decode_attention: q and the caches must share a dtype");
+  const bool int8 = key_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type() && (int8 || q.scalar_type() == key_cache.scalar_type()),
+              "paged_decode_attention: the caches must hold q's dtype, or int8");
   const auto qc = q.contiguous();
   const auto tables = block_tables.contiguous();
   const auto lens = seq_lens.contiguous();
-  const int64_t n = qc.size(0), heads = qc.size(1), head_dim = qc.size(2);
-  const int64_t block_size = key_cache.size(1), kv_heads = key_cache.size(2);
-  TORCH_CHECK(heads % kv_heads == 0 && key_cache.size(3) == head_dim && tables.size(0) == n && lens.size(0) == n,
+  const int64_t n = qc.size(0), heads = qc.size(1), head_dim = qc.size(2), kv_heads = key_cache.size(2);
+  TORCH_CHECK(heads % kv_heads == 0 && key_cache.size(3) == head_dim + (int8 ? 4 : 0) && tables.size(0) == n &&
+                  lens.size(0) == n,
               "paged_decode_attention: inconsistent shapes");
-  const int64_t group = heads / kv_heads, max_blocks = tables.size(1);
+  TORCH_CHECK(!int8 || key_cache.stride(2) % 4 == 0, "paged_decode_attention: int8 rows must keep their scales aligned");
   auto out = at::empty_like(qc);
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_decode_attention", [&] {
-    const scalar_t* q_ptr = qc.const_data_ptr<scalar_t>();
-    const scalar_t* k_ptr = key_cache.const_data_ptr<scalar_t>();
-    const scalar_t* v_ptr = value_cache.const_data_ptr<scalar_t>();
-    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-    const int32_t* table_ptr = tables.const_data_ptr<int32_t>();
-    const int32_t* len_ptr = lens.const_data_ptr<int32_t>();
-    // Requests arrive sorted by context length, so contiguous ranges would load the threads unevenly: each
-    // lane takes every lanes-th request instead.
-    const int64_t lanes = std::min<int64_t>(at::get_num_threads(), n);
-    const bool vector = vector_path<scalar_t>(head_dim);
-    at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, query, acc;  // per thread, reused across its requests
-      for (int64_t lane = begin; lane < end; ++lane) {
-        for (int64_t r = lane; r < n; r += lanes) {
-          const int64_t offset = r * heads * head_dim;
-          if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-            if (vector) {
-              const auto call = head_dim == 64 ? attend_request_avx512<scalar_t, 4> : attend_request_avx512<scalar_t, 8>;
-              call(out_ptr + offset, q_ptr + offset, k_ptr, v_ptr, table_ptr + r * max_blocks, len_ptr[r], window,
-                   heads, group, block_size, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-                   static_cast<float>(scale), scores, acc);
-              continue;
-            }
-          }
-          attend_request<scalar_t>(out_ptr + offset, q_ptr + offset, k_ptr, v_ptr, table_ptr + r * max_blocks,
-                                   len_ptr[r], window, heads, group, head_dim, block_size, key_cache.stride(0),
-                                   key_cache.stride(1), key_cache.stride(2), static_cast<float>(scale), scores,
-                                   query, acc);
-        }
-      }
-    });
+    if (int8)
+      attend_all<scalar_t, int8_t>(qc, key_cache, value_cache, tables, lens, static_cast<float>(scale), window, out);
+    else
+      attend_all<scalar_t, scalar_t>(qc, key_cache, value_cache, tables, lens, static_cast<float>(scale), window, out);
   });
   return out;
 }

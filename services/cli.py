@@ -46,6 +46,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default=None, choices=["int8"],
                         help="CPU: int8 linear layers (weights per channel at load, activations per token; oneDNN's "
                              "int8 GEMM), about a quarter of float32's weight bytes")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                        help="auto: keys and values in the model's dtype; int8 (CPU): int8 with a float32 scale per "
+                             "token and head, about half of bfloat16's bytes (twice the tokens in --kv-cache-memory, "
+                             "half the cache a decode step reads)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                         help="shard the model over N worker processes (torch.distributed: gloo on CPU, NCCL on CUDA; "
                              "not TPU yet). An engine without --worker starts them here, one per CUDA device or per "
@@ -291,7 +295,8 @@ def run_engine(args) -> None:
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         cpu_matmul=args.cpu_matmul, structured_output_timeout=args.structured_output_timeout,
-        quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     asyncio.run(serve_engine(config, args.port, worker_address=(args.worker or [None])[0], host=args.host,
                              metrics_port=args.metrics_port, max_queue=args.max_queue, grace_seconds=args.grace,
@@ -310,7 +315,8 @@ def run_worker(args) -> None:
         sys.exit("tessera worker: TPU workers run inside the engine for now: use `tessera engine --device tpu`")
     config = WorkerConfig(args.model, args.dtype, args.device, args.block_size, args.kv_cache_memory,
                           cpu_matmul=args.cpu_matmul, quantization=args.quantization,
-                          tensor_parallel_size=args.tensor_parallel_size, collective_timeout=args.collective_timeout)
+                          kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
+                          collective_timeout=args.collective_timeout)
     if os.environ.get("TESSERA_CPUS"):  # a rank's share of the cores (engine/worker_group.py)
         os.sched_setaffinity(0, {int(core) for core in os.environ["TESSERA_CPUS"].split(",")})
     if args.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:

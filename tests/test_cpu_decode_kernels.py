@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import empty_kv_caches, random_prompt, run, scattered_block_table
+from test_model import BLOCK_SIZE, NUM_BLOCKS, empty_kv_caches, random_prompt, run, scattered_block_table
 from tiny_checkpoints import preset_checkpoint
 
 from tessera.kernels import paged_attention_cpu
@@ -129,10 +129,10 @@ def test_a_packed_layer_with_a_gemv_copy_gives_onednns_results_at_every_row_coun
         torch.testing.assert_close(with_copy(x), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
 
 
-def decode_steps(model, backend, config, steps: int = 6):
+def decode_steps(model, backend, config, steps: int = 6, kv_caches=None):
     """Logits of a prefill of 3 requests of 5 tokens, then `steps` decode steps of the 3 at once (GEMV-sized
     batches); 11 tokens each, past the sliding window of the presets that have one (8)."""
-    kv_caches = empty_kv_caches(model, backend)
+    kv_caches = empty_kv_caches(model, backend) if kv_caches is None else kv_caches
     blocks = scattered_block_table(9)
     tables = [blocks[0:3], blocks[3:6], blocks[6:9]]
     prompts = [random_prompt(5, config.vocab_size, seed) for seed in range(3)]
@@ -284,3 +284,42 @@ def test_available_memory_respects_a_containers_cgroup_limit(monkeypatch, tmp_pa
     assert packed_linear.available_memory() > 256 << 20
     monkeypatch.setattr(packed_linear, "CGROUP_MEMORY_FILES", ((tmp_path / "none", tmp_path / "none"),))
     assert packed_linear.available_memory() > 256 << 20
+
+
+@needs_ops
+@pytest.mark.skipif(not gemv_runs(torch.float32), reason="the native decoder layer needs the GEMV")
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.25)])
+def test_an_int8_kv_cache_gets_the_same_rows_and_logits_from_the_native_layer_as_from_python(dtype, atol,
+                                                                                           tmp_path_factory):
+    """decode_layer quantizes each token's keys and values as attention/int8_kv.py does (bit for bit: the same
+    IEEE steps), and the native attention reads them as the PyTorch path's dequantized copy."""
+    from tessera.worker.attention import int8_kv
+
+    path = preset_checkpoint(tmp_path_factory, "llama")
+    pure_backend, native_backend = TorchAttentionBackend(native_decode=False), TorchAttentionBackend()
+    pure, config = load_model(path, pure_backend, dtype=dtype)
+    native, _ = load_model(path, native_backend, dtype=dtype)
+    pack_linear_layers(native, gemv=True)
+    native.native_layers = native_decode_layers(native)
+    assert native.native_layers is not None
+
+    def int8_caches(model, backend):
+        shape = backend.kv_cache_shape(NUM_BLOCKS, BLOCK_SIZE, config.num_key_value_heads,
+                                       int8_kv.row_width(config.head_dim))
+        return [torch.zeros(shape, dtype=torch.int8) for _ in range(config.num_hidden_layers)]
+
+    pure_caches, native_caches = int8_caches(pure, pure_backend), int8_caches(native, native_backend)
+    expected = decode_steps(pure, pure_backend, config, kv_caches=pure_caches)
+    logits = decode_steps(native, native_backend, config, kv_caches=native_caches)
+    torch.testing.assert_close(logits, expected, atol=atol, rtol=0)
+    # The same rows where the same keys went in. The GEMV's sums round differently from oneDNN's: in float32 that
+    # moves a value across a rounding boundary at most (one step); bf16 keys differ by an ulp or so.
+    for ours, theirs in zip(native_caches, pure_caches):
+        assert ours.abs().sum() > 0
+        if dtype == "float32":
+            assert (ours[..., :-4].int() - theirs[..., :-4].int()).abs().max() <= 1
+        torch.testing.assert_close(int8_kv.dequantize(ours, torch.float32), int8_kv.dequantize(theirs, torch.float32),
+                                   rtol=0.02, atol=0.02 if dtype == "float32" else 0.1)
+    # ... and within int8's error of the model on a cache in its own dtype
+    torch.testing.assert_close(logits, decode_steps(pure, pure_backend, config), atol=0.5 if dtype == "float32" else 1.0,
+                               rtol=0)

@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from tessera.worker.attention import int8_kv
 from tessera.worker.attention.backend import AttentionMetadata
 from tessera.worker.attention.torch_backend import TorchAttentionBackend
 from tessera.kernels import paged_attention_cpu
@@ -67,6 +68,27 @@ def test_cpu_kernel_sliding_window(dtype, head_dim):
         torch.testing.assert_close(ours, reference(q, kv_cache, tables, lens, 0.3, window), **TOLERANCE[dtype])
 
 
+@DTYPES
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: "h{}-kv{}-d{}-bs{}".format(*layout))
+def test_cpu_kernel_reads_an_int8_cache_as_the_values_it_stands_for(dtype, layout):
+    """An int8 cache (attention/int8_kv.py) against the reference on its dequantized float32 values: the kernel
+    takes each row's scale out of the score and the value weight, the same sums otherwise."""
+    num_heads, num_kv_heads, head_dim, block_size = layout
+    seq_lens = [1, 3, block_size, 2 * block_size + 1, 77, 300]
+    q, kv_cache, tables, lens = decode_batch(seq_lens, *layout, torch.float32, seed=5)
+    rows = int8_kv.quantize(kv_cache)
+    assert rows.dtype == torch.int8 and rows.shape[-1] == head_dim + 4
+    scale = head_dim**-0.5
+    ours = op(q.to(dtype), rows[0], rows[1], tables, lens, scale, 0)
+    assert ours.dtype == dtype and ours.shape == q.shape
+    expected = reference(q.to(dtype).float(), int8_kv.dequantize(rows, torch.float32), tables, lens, scale)
+    torch.testing.assert_close(ours.float(), expected, **TOLERANCE[dtype])
+    for window in (1, 21):
+        torch.testing.assert_close(op(q.to(dtype), rows[0], rows[1], tables, lens, scale, window).float(),
+                                   reference(q.to(dtype).float(), int8_kv.dequantize(rows, torch.float32), tables,
+                                             lens, scale, window), **TOLERANCE[dtype])
+
+
 def test_cpu_kernel_many_threads_and_uneven_lengths_match_one_thread():
     rng = random.Random(4)
     seq_lens = sorted(rng.randint(1, 400) for _ in range(37))
@@ -84,15 +106,21 @@ def test_cpu_kernel_rejects_bad_inputs_with_a_message():
     q, kv_cache, tables, lens = decode_batch([5, 9], 4, 2, 32, 4, torch.float32)
     with pytest.raises(RuntimeError, match="int32"):
         op(q, kv_cache[0], kv_cache[1], tables.long(), lens, 1.0, 0)
-    with pytest.raises(RuntimeError, match="share a dtype"):
+    with pytest.raises(RuntimeError, match="q.s dtype, or int8"):
         op(q.double(), kv_cache[0], kv_cache[1], tables, lens, 1.0, 0)
     with pytest.raises(RuntimeError, match="inconsistent shapes"):
         op(q[:, :3], kv_cache[0], kv_cache[1], tables, lens, 1.0, 0)
+    with pytest.raises(RuntimeError, match="inconsistent shapes"):  # int8 rows carry 4 bytes of scale
+        op(q, kv_cache[0].to(torch.int8), kv_cache[1].to(torch.int8), tables, lens, 1.0, 0)
+    with pytest.raises(RuntimeError, match="q's dtype, or int8"):
+        op(q, kv_cache[0].bfloat16(), kv_cache[1].bfloat16(), tables, lens, 1.0, 0)
 
 
 @DTYPES
-def test_cpu_kernel_in_the_torch_backend_matches_the_pure_pytorch_path(dtype):
-    """A mixed step (three decodes, two prefill chunks): the native decodes change nothing but speed."""
+@pytest.mark.parametrize("int8_cache", [False, True], ids=["cache-dtype", "cache-int8"])
+def test_cpu_kernel_in_the_torch_backend_matches_the_pure_pytorch_path(dtype, int8_cache):
+    """A mixed step (three decodes, two prefill chunks): the native decodes change nothing but speed; with an
+    int8 cache both write the same rows and the prefill chunks read them dequantized."""
     requests = [(1, 9), (1, 26), (1, 40), (7, 19), (12, 12)]  # (query length, context after the step)
     block_size, num_kv_heads, head_dim = 4, 2, 16
     g = torch.Generator().manual_seed(3)
@@ -115,6 +143,8 @@ def test_cpu_kernel_in_the_torch_backend_matches_the_pure_pytorch_path(dtype):
     q = torch.randn(tokens, 4, head_dim, generator=g).to(dtype)
     k, v = (torch.randn(tokens, num_kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
     cache = torch.randn(2, len(pool) + sum(needed), block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    if int8_cache:
+        cache = int8_kv.quantize(cache)
 
     native, plain = TorchAttentionBackend(), TorchAttentionBackend(native_decode=False)
     assert native.native_decode is not None and plain.native_decode is None

@@ -48,6 +48,7 @@ class EngineConfig:
     cpu_matmul: str = "auto"  # CPU linear layers: onednn, aten, or auto (see worker/models/packed_linear.py)
     structured_output_timeout: float = 10.0  # seconds a constraint may take to compile before it is refused
     quantization: str | None = None  # CPU: "int8" linear layers (see worker/models/int8_linear.py)
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; int8 (CPU): see worker/attention/int8_kv.py
     tensor_parallel_size: int = 1  # > 1: the model sharded over that many worker processes (worker_group.py)
 
 

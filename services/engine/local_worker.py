@@ -13,7 +13,8 @@ def worker_config(config: EngineConfig):
     from tessera.worker.worker import WorkerConfig
 
     return WorkerConfig(config.model, config.dtype, config.device, config.block_size, config.kv_cache_memory,
-                        config.num_kv_blocks, config.enforce_eager, config.cpu_matmul, config.quantization)
+                        config.num_kv_blocks, config.enforce_eager, config.cpu_matmul, config.quantization,
+                        kv_cache_dtype=config.kv_cache_dtype)
 
 
 def make_local_worker(config: EngineConfig) -> WorkerClient:

@@ -98,6 +98,8 @@ class LocalWorkerGroup:
             command += ["--device", c.device]
         if c.quantization:
             command += ["--quantization", c.quantization]
+        if c.kv_cache_dtype != "auto":
+            command += ["--kv-cache-dtype", c.kv_cache_dtype]
         return command
 
     def _start(self) -> None:

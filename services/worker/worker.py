@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tessera.worker.attention import int8_kv
 from tessera.worker.attention.backend import AttentionBackend, AttentionMetadata
 from tessera.worker.checkpoint import load_model
 from tessera.worker.device import attention_backend_for, default_dtype_for, resolve_device
@@ -44,6 +45,7 @@ class WorkerConfig:
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     cpu_matmul: str = "auto"  # CPU linear layers: onednn (pre-packed weights) or aten; auto: onednn where it runs
     quantization: str | None = None  # CPU: "int8" linear layers (models/int8_linear.py)
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; int8: per-row scales (attention/int8_kv.py), CPU only
     tensor_parallel_size: int = 1  # ranks sharing the model (tensor_parallel.py); this one is $RANK
     collective_timeout: float = 60.0  # seconds a rank waits at a collective before the group counts as broken
 
@@ -100,15 +102,18 @@ class Worker:
                 log.info("decode steps of up to %d requests: each layer one native call", GEMV_ROWS)
         self.block_size = config.block_size
         kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's
-        bytes_per_block = 2 * mc.num_hidden_layers * kv_heads * mc.head_dim * mc.dtype.itemsize * config.block_size
+        kv_dtype, row = self._kv_cache_layout(config.kv_cache_dtype, mc)
+        bytes_per_block = 2 * mc.num_hidden_layers * kv_heads * row * kv_dtype.itemsize * config.block_size
         # One block table for all ranks: the count every rank's budget holds.
         self.num_blocks = tp.min_int(config.num_kv_blocks or max(config.kv_cache_memory // bytes_per_block, 1))
-        shape = self.attn_backend.kv_cache_shape(self.num_blocks, self.block_size, kv_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_hidden_layers)]
+        shape = self.attn_backend.kv_cache_shape(self.num_blocks, self.block_size, kv_heads, row)
+        self.kv_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(mc.num_hidden_layers)]
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %s backend)",
             self.num_blocks, self.block_size, self.num_blocks * self.block_size,
-            self.num_blocks * bytes_per_block / 2**20, mc.dtype, self.attn_backend.name,
+            self.num_blocks * bytes_per_block / 2**20,
+            "int8 with a float32 scale per token and head" if kv_dtype == torch.int8 else mc.dtype,
+            self.attn_backend.name,
         )
         self.sampler = Sampler(mc.vocab_size, mc.eos_token_ids)
         self.requests: dict[str, _RequestState] = {}
@@ -120,6 +125,17 @@ class Worker:
             self.cuda_graphs = CudaGraphRunner(self.model, self.kv_caches, self.block_size, mc.max_model_len)
             self.cuda_graphs.capture()
             log.info("CUDA graphs captured for decode batch sizes %s", self.cuda_graphs.batch_sizes)
+
+    def _kv_cache_layout(self, choice: str, mc) -> tuple[torch.dtype, int]:
+        """The KV cache's element dtype and elements per row of one head."""
+        if choice in ("auto", None):
+            return mc.dtype, mc.head_dim
+        if choice != "int8":
+            raise ValueError(f"kv_cache_dtype: {choice!r} is not one of auto, int8")
+        if self.attn_backend.name != "torch" or self.device.type != "cpu":
+            raise ValueError(f"kv_cache_dtype int8 runs on the CPU's PyTorch attention only (device "
+                             f"{self.device.type}, {self.attn_backend.name} backend)")
+        return torch.int8, int8_kv.row_width(mc.head_dim)
 
     def check_plan(self, plan: StepPlan) -> None:
         """InvalidParam for a plan that no engine sends, before it changes anything: a worker process serves

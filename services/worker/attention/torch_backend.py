@@ -4,26 +4,36 @@ It runs anywhere PyTorch does, and it is the oracle the Triton and XLA backends 
 decodes go through the native kernel (kernels/paged_attention_cpu.cpp) when it could be built: it reads the
 blocks in place instead of gathering a padded copy; prefill chunks, which amortize their gather over many
 queries, stay on SDPA.
+
+An int8 cache (attention/int8_kv.py) is written quantized and read dequantized (prefill chunks, the pure PyTorch
+decodes) or in place (the native kernel). A whole prompt attends to its own keys as computed, before rounding.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from tessera.worker.attention import int8_kv
 from tessera.worker.attention.backend import AttentionBackend, AttentionMetadata
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    if kv_cache.dtype == torch.int8:
+        k, v = int8_kv.quantize(k), int8_kv.quantize(v)
+    num_kv_heads, row = k.shape[1], k.shape[2]
+    kv_cache[0].view(-1, num_kv_heads, row).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, row).index_copy_(0, slot_mapping, v)
 
 
-def gather_context(kv_plane: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """[length, num_kv_heads, head_dim] keys (or values) of one request, in position order."""
+def gather_context(kv_plane: torch.Tensor, block_table: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[length, num_kv_heads, head_dim] keys (or values) of one request, in position order, in dtype."""
     block_size = kv_plane.shape[1]
     num_blocks = -(-length // block_size)
-    return kv_plane.index_select(0, block_table[:num_blocks]).flatten(0, 1)[:length]
+    return _values(kv_plane.index_select(0, block_table[:num_blocks]).flatten(0, 1)[:length], dtype)
+
+
+def _values(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return int8_kv.dequantize(rows, dtype) if rows.dtype == torch.int8 else rows
 
 
 DECODE_GROUP = 16  # decodes attended together; sorted by length, so padding stays small
@@ -62,8 +72,8 @@ class TorchAttentionBackend(AttentionBackend):
                                                    .unsqueeze(0), v[start : start + q_len].unsqueeze(0), None, scale)[0]
                 start += q_len
                 continue
-            keys = gather_context(kv_cache[0], meta.block_tables[i], seq_len)
-            values = gather_context(kv_cache[1], meta.block_tables[i], seq_len)
+            keys = gather_context(kv_cache[0], meta.block_tables[i], seq_len, q.dtype)
+            values = gather_context(kv_cache[1], meta.block_tables[i], seq_len, q.dtype)
             # Query j sits at absolute position seq_len - q_len + j and sees keys up to it.
             q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
             k_pos = torch.arange(seq_len).unsqueeze(0)
@@ -84,8 +94,8 @@ class TorchAttentionBackend(AttentionBackend):
         blocks = meta.block_tables[first:last, :num_blocks].flatten()
         # index_select on the block axis gathers several times faster than advanced indexing on CPU.
         context = (last - first, num_blocks * block_size, *kv_cache.shape[3:])
-        keys = kv_cache[0].index_select(0, blocks).view(context)[:, :max_len]  # [n, max_len, kv_heads, head_dim]
-        values = kv_cache[1].index_select(0, blocks).view(context)[:, :max_len]
+        keys = _values(kv_cache[0].index_select(0, blocks).view(context)[:, :max_len], q.dtype)  # [n, len, kv_heads, d]
+        values = _values(kv_cache[1].index_select(0, blocks).view(context)[:, :max_len], q.dtype)
         k_pos = torch.arange(max_len).unsqueeze(0)
         mask = k_pos < seq_lens.unsqueeze(1)
         if sliding_window is not None:
