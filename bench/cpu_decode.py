@@ -1,10 +1,11 @@
-"""CPU decode in float32, bfloat16 and int8, side by side in one run, on the benchmark model.
+"""CPU decode in float32, bfloat16 and int8, each with its KV cache in the activations' dtype and in int8
+(--kv-cache-dtype int8), side by side in one run, on the benchmark model.
 
 For each: one stream's decode tokens/s in-process, the decode step at batch 64 against the same linear layers
 alone (weights in the engine's own form: oneDNN-packed fp32 / bf16, or int8), and the weight bytes a decode step
 streams. Rounds alternate between the variants so that drift on a shared machine hits all of them alike.
 
-    python bench/cpu_decode.py [--rounds 2] [--single-tokens 96] [--batch 64]
+    python bench/cpu_decode.py [--rounds 2] [--single-tokens 96] [--batch 64] [--kv auto,int8]
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from tessera.sampling_params import SamplingParams
 from tessera.worker.models.int8_linear import Int8Linear
 from tessera.worker.models.packed_linear import PackedLinear
 
-VARIANTS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
-            "int8": dict(dtype="float32", quantization="int8")}
+WEIGHTS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
+           "int8": dict(dtype="float32", quantization="int8")}
 
 
 def single_stream(engine: LLMEngine, tokens: int) -> float:
@@ -77,23 +78,28 @@ def main() -> None:
     parser.add_argument("--single-tokens", type=int, default=96)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--model-dir", default="bench/out/bench-llama")
+    parser.add_argument("--kv", default="auto,int8", help="KV cache dtypes to run each weight precision with")
     args = parser.parse_args()
     print(f"machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     model_dir = build_bench_model(args.model_dir)
-    engines = {name: LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=1 << 30, **options))
-               for name, options in VARIANTS.items()}
-    results: dict[str, dict[str, list[float]]] = {name: {"single": [], "step": [], "bare": []} for name in VARIANTS}
+    variants = {(weights, kv): dict(options, kv_cache_dtype=kv)
+                for kv in args.kv.split(",") for weights, options in WEIGHTS.items()}
+    engines = {variant: LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory=1 << 30, **options))
+               for variant, options in variants.items()}
+    results = {variant: {"single": [], "step": [], "bare": []} for variant in variants}
     nbytes = {}
     for _ in range(args.rounds):
-        for name, engine in engines.items():
-            results[name]["single"].append(single_stream(engine, args.single_tokens))
-            results[name]["step"].append(batch_step(engine, args.batch))
-            bare, nbytes[name] = bare_linears(name, args.batch)
-            results[name]["bare"].append(bare)
-    base = max(results["float32"]["single"])
-    for name, r in results.items():
+        for (weights, kv), engine in engines.items():
+            results[weights, kv]["single"].append(single_stream(engine, args.single_tokens))
+            results[weights, kv]["step"].append(batch_step(engine, args.batch))
+            bare, nbytes[weights] = bare_linears(weights, args.batch)
+            results[weights, kv]["bare"].append(bare)
+    base = max(results["float32", args.kv.split(",")[0]]["single"])  # the first KV choice of float32
+    for (weights, kv), r in results.items():
+        name = weights if kv == "auto" else f"{weights}, KV int8"
         single, step, bare = max(r["single"]), min(r["step"]), min(r["bare"])
-        print(f"{name:9s} one stream {single:6.1f} tok/s ({single / base:.2f}x float32), "
+        nbytes[name] = nbytes[weights]
+        print(f"{name:18s} one stream {single:6.1f} tok/s ({single / base:.2f}x float32), "
               f"{nbytes[name] / 2**20:5.0f} MiB of weights/step -> {nbytes[name] * single / 1e9:5.2f} GB/s; "
               f"batch {args.batch} step {step * 1e3:6.1f} ms vs bare linears {bare * 1e3:6.1f} ms "
               f"(step = {step / bare:.2f}x bare), {args.batch / step:6.0f} tok/s", flush=True)

@@ -1,8 +1,11 @@
-"""What bf16 and int8 cost in quality, measured on the shipped demo model through the engine itself.
+"""What bf16, int8 weights and an int8 KV cache cost in quality, measured on the shipped demo model through the
+engine itself.
 
 Perplexity on the demo model's own validation split (the 2 % of the standard library's files it never trained
-on, demo_model/train.py), from prompt logprobs of 512-token windows, and greedy agreement with float32 on a fixed
-prompt set: the share of generated tokens equal to float32's, and of completions identical to it.
+on, demo_model/train.py), from prompt logprobs of 512-token windows prefilled 64 tokens a step (so that attention
+reads the KV cache, not only a step's own keys), the share of those positions whose most likely next token is
+float32's, and greedy agreement with float32 on a fixed prompt set: the share of generated tokens equal to
+float32's, and of completions identical to it.
 
     python bench/quantization_quality.py [--windows 48] [--prompts 32] [--tokens 48]
 """
@@ -27,7 +30,9 @@ from tessera.tokenizer.tokenizer import Tokenizer  # noqa: E402
 
 DEMO = ROOT / "models" / "tessera-demo"
 VARIANTS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
-            "int8": dict(dtype="float32", quantization="int8")}
+            "int8": dict(dtype="float32", quantization="int8"),
+            "float32, KV int8": dict(dtype="float32", kv_cache_dtype="int8"),
+            "bfloat16, KV int8": dict(dtype="bfloat16", kv_cache_dtype="int8")}
 
 
 def windows(tokenizer: Tokenizer, count: int, length: int = 512) -> list[list[int]]:
@@ -39,14 +44,16 @@ def windows(tokenizer: Tokenizer, count: int, length: int = 512) -> list[list[in
     return [stream[i:i + length] for i in range(0, len(stream) - length, step)][:count]
 
 
-def perplexity(engine: LLMEngine, sequences: list[list[int]]) -> float:
-    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-    total, count = 0.0, 0
+def perplexity(engine: LLMEngine, sequences: list[list[int]]) -> tuple[float, list[int]]:
+    """The perplexity, and the most likely next token at every position scored."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    total, count, top = 0.0, 0, []
     for completion in engine.generate(sequences, params):
         entries = [e for e in completion.prompt_logprobs if e is not None][1:] if completion.prompt_logprobs else []
         total += sum(e.logprob for e in entries)
         count += len(entries)
-    return math.exp(-total / count)
+        top += [e.top[0][0] for e in entries]
+    return math.exp(-total / count), top
 
 
 def main() -> None:
@@ -62,18 +69,22 @@ def main() -> None:
     greedy = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     print(f"demo model, {len(sequences)} validation windows of 512 tokens; {len(prompts)} prompts x {args.tokens} "
           "greedy tokens")
-    reference_ppl, reference_tokens = None, None
+    reference = None
     for name, options in VARIANTS.items():
-        engine = LLMEngine(EngineConfig(model=str(DEMO), kv_cache_memory=256 << 20, **options))
-        ppl = perplexity(engine, sequences)
+        engine = LLMEngine(EngineConfig(model=str(DEMO), kv_cache_memory=256 << 20, max_num_batched_tokens=64,
+                                        **options))
+        ppl, top = perplexity(engine, sequences)
         tokens = [c.token_ids for c in engine.generate(prompts, greedy)]
-        if reference_ppl is None:
-            reference_ppl, reference_tokens = ppl, tokens
+        if reference is None:
+            reference = ppl, top, tokens
+        reference_ppl, reference_top, reference_tokens = reference
+        choices = sum(a == b for a, b in zip(top, reference_top)) / len(top)
         same = sum(a == b for ours, ref in zip(tokens, reference_tokens) for a, b in zip(ours, ref))
         identical = sum(ours == ref for ours, ref in zip(tokens, reference_tokens))
-        print(f"{name:9s} perplexity {ppl:7.3f} ({(ppl / reference_ppl - 1) * 100:+.2f} % vs float32); greedy tokens "
-              f"equal to float32's {same / (len(prompts) * args.tokens):6.1%}, completions identical "
-              f"{identical}/{len(prompts)}", flush=True)
+        print(f"{name:17s} perplexity {ppl:7.3f} ({(ppl / reference_ppl - 1) * 100:+.2f} % vs float32), next-token "
+              f"choice float32's {choices:6.1%}; greedy tokens equal to float32's "
+              f"{same / (len(prompts) * args.tokens):6.1%}, completions identical {identical}/{len(prompts)}",
+              flush=True)
 
 
 if __name__ == "__main__":

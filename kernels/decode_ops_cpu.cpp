@@ -12,7 +12,8 @@
 // Every step rounds where the PyTorch code in models/llama.py and models/rope.py rounds (to the activations' dtype
 // after each op), so bfloat16 results match it to the last bit but for the float sums' order (RMSNorm's mean)
 // and exp's last float bits (SiLU; vec_exp.h). Built without -ffast-math and with -ffp-contract=off: a fused multiply-add
-// would skip a rounding the PyTorch code makes. Registered as torch.ops.tessera.{add_rms_norm, rotary_, silu_mul, argmax_rows, decode_layer}.
+// would skip a rounding the PyTorch code makes. Registered as torch.ops.tessera.{add_rms_norm, rotary_, silu_mul, argmax_rows, write_kv_,
+// decode_layer}.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -271,6 +272,46 @@ void quantize_heads(const T* x, int64_t heads, int64_t head_dim, int8_t* rows) {
   }
 }
 
+// k, v [n, kv_heads, head_dim] (rows may be strided, heads contiguous) into their slots of kv_cache [2, blocks,
+// block_size, kv_heads, head_dim] of their dtype, or int8 [..., head_dim + 4] rows quantized (quantize_heads):
+// attention_backend.write_kv in one pass, instead of its ~10 PyTorch ops a layer for an int8 cache.
+void write_kv_(const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_cache, const at::Tensor& slot_mapping) {
+  const bool int8 = kv_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1 &&
+                  k.stride(1) == k.size(2) && v.stride(1) == v.size(2) && v.scalar_type() == k.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "write_kv_: k and v [n, kv_heads, head_dim] float32 or bfloat16, each row's heads contiguous");
+  const int64_t n = k.size(0), heads = k.size(1), head_dim = k.size(2);
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == 2 && kv_cache.size(3) == heads &&
+                  kv_cache.size(4) == head_dim + (int8 ? 4 : 0) && (int8 || kv_cache.scalar_type() == k.scalar_type()),
+              "write_kv_: a contiguous kv_cache [2, blocks, block_size, kv_heads, head_dim] of k's dtype, or int8 "
+              "[..., head_dim + 4]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == n,
+              "write_kv_: int64 slot_mapping [n]");
+  const auto slots_t = slot_mapping.contiguous();
+  const int64_t slots = kv_cache.size(1) * kv_cache.size(2);
+  const int64_t* slot = slots_t.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r)
+    TORCH_CHECK(slot[r] >= 0 && slot[r] < slots, "write_kv_: slot ", slot[r], " outside the cache's ", slots);
+  const int64_t elem = k.element_size();
+  const int64_t bytes = int8 ? heads * (head_dim + 4) : heads * head_dim * elem;  // a slot's, one plane
+  auto* planes = static_cast<char*>(kv_cache.data_ptr());
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int plane = 0; plane < 2; ++plane) {
+        const at::Tensor& x = plane == 0 ? k : v;
+        const char* from = static_cast<const char*>(x.const_data_ptr()) + r * x.stride(0) * elem;
+        char* to = planes + (plane * slots + slot[r]) * bytes;
+        if (!int8)
+          std::memcpy(to, from, bytes);
+        else if (k.scalar_type() == at::kBFloat16)
+          quantize_heads(reinterpret_cast<const at::BFloat16*>(from), heads, head_dim, reinterpret_cast<int8_t*>(to));
+        else
+          quantize_heads(reinterpret_cast<const float*>(from), heads, head_dim, reinterpret_cast<int8_t*>(to));
+      }
+  });
+}
+
 // Projection i of the layer (qkv, o, gate_up, down) with n outputs: weights holds one gemv-packed tensor per
 // projection, or three (int8 values, scales, row sums: int8_linear_cpu.cpp) for an int8 layer.
 at::Tensor project(int64_t i, const at::Tensor& x, at::TensorList weights,
@@ -306,27 +347,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   auto q = qkv.narrow(1, 0, q_size).view({n, num_heads, head_dim});
   auto k = qkv.narrow(1, q_size, kv_size).view({n, num_kv_heads, head_dim});
   rotary_(q, k, positions, cos_sin_cache);
-  // This token's key and value into its slot of the paged cache (attention_backend.write_kv).
-  const int64_t slots = kv_cache.size(1) * kv_cache.size(2);
-  const int64_t bytes = int8 ? num_kv_heads * (head_dim + 4) : kv_size * x.element_size();  // a slot's, one plane
-  const int64_t* slot = slot_mapping.const_data_ptr<int64_t>();
-  auto* planes = static_cast<char*>(kv_cache.data_ptr());
-  const auto* rows = static_cast<const char*>(qkv.const_data_ptr());
-  for (int64_t r = 0; r < n; ++r) {
-    TORCH_CHECK(slot[r] >= 0 && slot[r] < slots, "decode_layer: slot ", slot[r], " outside the cache's ", slots);
-    const char* row = rows + r * qkv.stride(0) * x.element_size();
-    for (int plane = 0; plane < 2; ++plane) {
-      const char* from = row + (q_size + plane * kv_size) * x.element_size();
-      char* to = planes + (plane * slots + slot[r]) * bytes;
-      if (!int8) {
-        std::memcpy(to, from, bytes);
-      } else if (x.scalar_type() == at::kBFloat16) {
-        quantize_heads(reinterpret_cast<const at::BFloat16*>(from), num_kv_heads, head_dim, reinterpret_cast<int8_t*>(to));
-      } else {
-        quantize_heads(reinterpret_cast<const float*>(from), num_kv_heads, head_dim, reinterpret_cast<int8_t*>(to));
-      }
-    }
-  }
+  // This token's key and value into its slot of the paged cache.
+  write_kv_(k, qkv.narrow(1, q_size + kv_size, kv_size).view({n, num_kv_heads, head_dim}), kv_cache, slot_mapping);
   const auto attention = paged_decode_attention(q, kv_cache[0], kv_cache[1], block_tables, seq_lens, scale, window);
   const auto o = project(1, attention.view({n, q_size}), weights, biases, hidden);
   auto [h2, stream2] = add_rms_norm(o, stream, post_norm, eps);
@@ -343,6 +365,8 @@ TORCH_LIBRARY_FRAGMENT(tessera, m) {
   m.impl("add_rms_norm", c10::DispatchKey::CPU, TORCH_FN(add_rms_norm));
   m.impl("rotary_", c10::DispatchKey::CPU, TORCH_FN(rotary_));
   m.impl("silu_mul", c10::DispatchKey::CPU, TORCH_FN(silu_mul));
+  m.def("write_kv_(Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
+  m.impl("write_kv_", c10::DispatchKey::CPU, TORCH_FN(write_kv_));
   m.def("argmax_rows(Tensor logits) -> Tensor");
   m.impl("argmax_rows", c10::DispatchKey::CPU, TORCH_FN(argmax_rows));
   m.def("decode_layer(Tensor x, Tensor? residual, Tensor positions, Tensor cos_sin_cache, Tensor input_norm, "

@@ -323,3 +323,32 @@ def test_an_int8_kv_cache_gets_the_same_rows_and_logits_from_the_native_layer_as
     # ... and within int8's error of the model on a cache in its own dtype
     torch.testing.assert_close(logits, decode_steps(pure, pure_backend, config), atol=0.5 if dtype == "float32" else 1.0,
                                rtol=0)
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("int8", [False, True], ids=["cache-dtype", "cache-int8"])
+def test_the_native_kv_write_is_bit_for_bit_the_pytorch_write(dtype, int8):
+    """torch.ops.tessera.write_kv_ against attention/torch_backend.py's write_kv (and int8_kv.quantize), on k and v
+    that are strided views of one qkv row, as the layers hand them over; a zero row and exact halves included."""
+    from tessera.worker.attention import int8_kv
+    from tessera.worker.attention.torch_backend import write_kv
+
+    g = torch.Generator().manual_seed(7)
+    tokens, heads, head_dim = 70, 2, 64  # more tokens than the op's parallel grain
+    qkv = (torch.randn(tokens, 4 * heads * head_dim, generator=g) * 3).to(dtype)
+    qkv[3] = 0
+    qkv[5, 2 * heads * head_dim:] = torch.arange(-63.5, 64.5, 1.0).repeat(2 * heads)[: 2 * heads * head_dim].to(dtype)
+    k = qkv[:, 2 * heads * head_dim:3 * heads * head_dim].view(tokens, heads, head_dim)
+    v = qkv[:, 3 * heads * head_dim:].view(tokens, heads, head_dim)
+    row = int8_kv.row_width(head_dim) if int8 else head_dim
+    shape = (2, 12, 8, heads, row)
+    ours, theirs = (torch.zeros(shape, dtype=torch.int8 if int8 else dtype) for _ in range(2))
+    slots = torch.randperm(96, generator=g)[:tokens]
+    torch.ops.tessera.write_kv_(k, v, ours, slots)
+    write_kv(k, v, theirs, slots)
+    assert torch.equal(ours, theirs) and ours.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.tessera.write_kv_(k, v, ours, slots + 96)
+    with pytest.raises(RuntimeError, match="head_dim \\+ 4"):
+        torch.ops.tessera.write_kv_(k, v, torch.zeros(2, 12, 8, heads, head_dim, dtype=torch.int8), slots)

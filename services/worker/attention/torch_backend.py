@@ -44,17 +44,27 @@ class TorchAttentionBackend(AttentionBackend):
 
     def __init__(self, native_decode: bool = True):
         """native_decode: use the native CPU decode kernel if it builds (False: the pure PyTorch path)."""
-        self.native_decode = None
+        self.native_decode = self.native_write = None
         if native_decode:
             from tessera.kernels import paged_attention_cpu
 
             self.native_decode = paged_attention_cpu.load()
+            if paged_attention_cpu.load("decode_ops") is not None:
+                self.native_write = torch.ops.tessera.write_kv_  # decode_ops_cpu.cpp: one pass, int8 included
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale, sliding_window=None):
-        write_kv(k, v, kv_cache, meta.slot_mapping)
-        out = torch.empty_like(q)
+        if (self.native_write is not None and k.device.type == "cpu" and k.dtype in (torch.float32, torch.bfloat16)
+                and k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == k.shape[2]):
+            self.native_write(k, v, kv_cache, meta.slot_mapping)
+        else:
+            write_kv(k, v, kv_cache, meta.slot_mapping)
         decodes = meta.num_decodes
-        if decodes and self.native_decode is not None and q.device.type == "cpu":
+        native = decodes and self.native_decode is not None and q.device.type == "cpu"
+        if native and decodes == meta.num_reqs:  # a decode-only step: the kernel's output is the whole answer
+            return self.native_decode(q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, scale,
+                                      sliding_window or 0)
+        out = torch.empty_like(q)
+        if native:
             out[:decodes] = self.native_decode(q[:decodes], kv_cache[0], kv_cache[1], meta.block_tables[:decodes],
                                                meta.seq_lens[:decodes], scale, sliding_window or 0)
             decodes = 0
