@@ -13,17 +13,18 @@ benchmark model (bench/out/bench-llama) is converted with llama.cpp's own conver
 q8_0, cached next to the model (bench/out/bench-llama-gguf/).
 
 Both servers get the same requests as token ids: tessera's Engine/Generate over gRPC (`tessera engine`, --dtype
-float32|bfloat16, --quantization int8 for the int8 row), llama-server's /completion with "prompt": [ids]. Only
-one server runs at a time, each with the same number of threads, and every round starts them in the other
-order so that drift on a shared machine hits both alike; best of the rounds counts. Workloads, greedy with EOS
-ignored: --streams concurrent streams (prompts 128-256 random ids, 128 output tokens, fixed seed; both servers
-stream every token, llama-server as server-sent events) -> total generated tok/s, and llama-server's figure for
-the same requests answered whole (no streaming) beside it; one stream (32-token prompt, --single-tokens output) -> tok/s and ms/token; one prefill of
---prefill tokens -> tok/s. llama-server runs with -t/-tb = --threads (tessera: OMP_NUM_THREADS), --parallel
---llamacpp-slots -cb for the many streams and --parallel 1 for the rest, a KV cache in tessera's dtype (f32, bf16;
---llamacpp-kv f16 gives it its own default), no prompt cache; tessera with --no-prefix-caching, since rounds
-repeat the prompts. Every response's tokens are counted, and the greedy tokens of both servers are compared
-(the share of identical leading tokens: at fp32, a check of the conversion, not of speed).
+float32|bfloat16, --quantization int8 for the int8 row), llama-server's /completion with "prompt": [ids]. Only one
+server runs at a time, each with the same number of threads, and every round starts them in the other order so that
+drift on a shared machine hits both alike; best of the rounds counts. Workloads, greedy with EOS ignored: --streams
+concurrent streams (prompts 128-256 random ids, 128 output tokens, fixed seed; both servers stream every token,
+llama-server as server-sent events) -> total generated tok/s, and llama-server's figure for the same requests
+answered whole (no streaming) beside it; one stream (32-token prompt, --single-tokens output) -> tok/s and ms/token;
+one prefill of --prefill tokens -> tok/s. llama-server runs with -t/-tb = --threads (tessera: OMP_NUM_THREADS),
+--parallel --llamacpp-slots -cb for the many streams and --parallel 1 for the rest, a KV cache in tessera's dtype
+(f32, bf16; q8_0 when tessera runs --kv-cache-dtype int8; --llamacpp-kv f16 gives it its own default), no prompt
+cache; tessera with --no-prefix-caching, since rounds repeat the prompts. Every response's tokens are counted, and
+the greedy tokens of both servers are compared (the share of identical leading tokens: at fp32, a check of the
+conversion, not of speed).
 Goals (issue #13): one stream >= 1.0x llama.cpp, many streams >= 3x.
 """
 from __future__ import annotations
@@ -260,11 +261,12 @@ async def tessera_session(address: str, sizes: Sizes, prompts, single, prefill, 
     return run
 
 
-def run_tessera(model_dir: Path, precision: Precision, threads: int, sizes: Sizes, prompts, single, prefill,
-                timeout: float) -> Run:
+def run_tessera(model_dir: Path, precision: Precision, kv_cache_dtype: str, threads: int, sizes: Sizes, prompts,
+                single, prefill, timeout: float) -> Run:
     # Rounds repeat the same prompts: without --no-prefix-caching later rounds would skip their prefill, which
     # llama-server (cache_prompt false) does not.
-    args = ["--model", str(model_dir), *precision.tessera, "--kv-cache-memory", "1GiB", "--no-prefix-caching"]
+    args = ["--model", str(model_dir), *precision.tessera, "--kv-cache-dtype", kv_cache_dtype,
+            "--kv-cache-memory", "1GiB", "--no-prefix-caching"]
     with Engine("engine", *args, env={"OMP_NUM_THREADS": str(threads)}) as engine:
         return asyncio.run(tessera_session(engine.address, sizes, prompts, single, prefill, timeout))
 
@@ -390,8 +392,11 @@ def run_llamacpp(binary: Path, model: Path, threads: int, sizes: Sizes, prompts,
     return run
 
 
-def kv_type(precision: Precision, option: str) -> str:
-    return precision.kv if option == "match" else option
+def kv_type(precision: Precision, option: str, kv_cache_dtype: str) -> str:
+    """llama-server's -ctk/-ctv: tessera's own (its int8 cache: q8_0, int8 with a scale per 32 values) for match."""
+    if option != "match":
+        return option
+    return "q8_0" if kv_cache_dtype == "int8" else precision.kv
 
 
 # The report.
@@ -411,7 +416,8 @@ def llamacpp_version(binary: Path) -> str:
     return lines[0].removeprefix("version: ") if lines else "unknown"
 
 
-def report(name: str, precision: Precision, kv: str, sizes: Sizes, runs: dict[str, list[Run]]) -> None:
+def report(name: str, precision: Precision, tessera_kv: str, kv: str, sizes: Sizes,
+           runs: dict[str, list[Run]]) -> None:
     ts, lc = runs["tessera"], runs["llama.cpp"]
     best = lambda rs, key: min(getattr(r, key) for r in rs)  # noqa: E731  (seconds: the best round)
     rows = [(f"{sizes.streams} streams, total tok/s", sizes.streams * sizes.stream_tokens / best(ts, "streams_s"),
@@ -424,7 +430,8 @@ def report(name: str, precision: Precision, kv: str, sizes: Sizes, runs: dict[st
     if sizes.prefill:
         rows.append((f"prefill {sizes.prefill} tokens, tok/s", sizes.prefill / best(ts, "prefill_s"),
                      sizes.prefill / best(lc, "prefill_s"), None))
-    print(f"\n{name}: tessera {' '.join(precision.tessera)}; llama.cpp {precision.gguf} GGUF, KV cache {kv}")
+    print(f"\n{name}: tessera {' '.join(precision.tessera)} --kv-cache-dtype {tessera_kv}; llama.cpp {precision.gguf} "
+          f"GGUF, KV cache {kv}")
     print(f"{'':<34}{'tessera':>10}{'llama.cpp':>11}{'ratio':>8}   goal")
     for label, ours, theirs, goal in rows:
         if "CPU" in label:  # the clients' cost (gRPC's vs HTTP's), no ratio of the servers
@@ -452,8 +459,11 @@ def main() -> None:
     parser.add_argument("--single-tokens", type=int, default=128, help="output tokens of the one stream")
     parser.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill case (0: skip it)")
     parser.add_argument("--llamacpp-slots", type=int, default=16, help="llama-server --parallel for many streams")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                        help="tessera's --kv-cache-dtype (auto: the activations' dtype)")
     parser.add_argument("--llamacpp-kv", default="match",
-                        help="llama-server's KV cache type: match (tessera's: f32, bf16) or a type such as f16")
+                        help="llama-server's KV cache type: match (tessera's: f32, bf16; q8_0 for an int8 cache) or a "
+                             "type such as f16")
     parser.add_argument("--threads", type=int, default=cores(), help="threads of each server (default: cores)")
     parser.add_argument("--model-dir", default=str(ROOT / "bench" / "out" / "bench-llama"))
     parser.add_argument("--timeout", type=float, default=900.0, help="deadline of each gRPC call, seconds")
@@ -497,17 +507,19 @@ def main() -> None:
             order = ["tessera", "llama.cpp"] if round_ % 2 == 0 else ["llama.cpp", "tessera"]
             for side in order:
                 if side == "tessera":
-                    run = run_tessera(model_dir, precision, args.threads, sizes, prompts, single, prefill, args.timeout)
+                    run = run_tessera(model_dir, precision, args.kv_cache_dtype, args.threads, sizes, prompts, single,
+                                      prefill, args.timeout)
                 else:
                     run = run_llamacpp(binary, ggufs[precision.gguf], args.threads, sizes, prompts, single, prefill,
-                                       kv_type(precision, args.llamacpp_kv), log)
+                                       kv_type(precision, args.llamacpp_kv, args.kv_cache_dtype), log)
                 runs[name][side].append(run)
             print(f"round {round_ + 1}/{args.rounds} {name} ({', '.join(order)}): " + ", ".join(
                 f"{side} {runs[name][side][-1].streams_s:.1f} s / {runs[name][side][-1].single_s:.2f} s"
                 for side in order) + f" ({sizes.streams} streams / one stream)", flush=True)
 
     for name in names:
-        report(name, PRECISIONS[name], kv_type(PRECISIONS[name], args.llamacpp_kv), sizes, runs[name])
+        report(name, PRECISIONS[name], args.kv_cache_dtype, kv_type(PRECISIONS[name], args.llamacpp_kv,
+                                                                    args.kv_cache_dtype), sizes, runs[name])
     print(f"\nllama-server's log: {log}")
 
 
