@@ -19,7 +19,7 @@ from bench_model import BENCH_SHAPE, build_bench_model, cpu_model, time_layers
 from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.sampling_params import SamplingParams
 from tessera.worker.models.int8_linear import Int8Linear
-from tessera.worker.models.packed_linear import PackedLinear
+from tessera.worker.models.packed_linear import PackedLinear, onednn_available
 
 WEIGHTS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
            "int8": dict(dtype="float32", quantization="int8")}
@@ -66,7 +66,8 @@ def bare_linears(variant: str, batch: int, steps: int = 8) -> tuple[float, int]:
         nbytes = sum(w.numel() for w in weights)
     else:
         dtype = getattr(torch, variant)
-        layers = [PackedLinear(w.to(dtype), None) for w in weights]
+        # oneDNN's packed weights, or aten's where oneDNN cannot pack the dtype (bf16 without AVX-512), as the worker
+        layers = [PackedLinear(w.to(dtype), None, onednn=onednn_available(dtype)) for w in weights]
         nbytes = sum(w.numel() * dtype.itemsize for w in weights)
     inputs = [torch.randn(batch, w.shape[1], dtype=dtype) for w in weights]
     return time_layers(layers, inputs, steps), nbytes

@@ -7,7 +7,8 @@
 // for 16 outputs (no horizontal sums) and a unit's four such loads per k are adjacent:
 //   float32:  [n / 64][k][64]           a fused multiply-add per load, x[k] broadcast;
 //   bfloat16: [n / 64][k / 2][64][2]    an AVX512-BF16 dot of pairs per load, x[k:k+2] broadcast (VNNI layout).
-// n is padded to 64 and k (bfloat16) to 2 with zeros. Sums are float32 in another order than oneDNN's, so
+// n is padded to 64 and k (bfloat16) to 2 with zeros. CPUs without AVX-512 (AVX2 + FMA) read the same layout
+// eight outputs a vector. Sums are float32 in another order than oneDNN's, so
 // results differ by float rounding. Registered as torch.ops.tessera.{gemv_pack, gemv}.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -111,15 +113,122 @@ __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void unit_bf16(c
   store<ROWS>(acc, u, n, bias, out);
 }
 
+// AVX2 + FMA (CPUs without AVX-512): the same packed layout read as 256-bit halves, eight outputs a vector, so a
+// unit is eight vectors of sums a row (rows beyond one spill some of them to the stack, which L1 absorbs: the
+// stream, not the arithmetic, still sets the pace). bfloat16 pairs are widened with a shift and a mask.
+inline __attribute__((target("avx2"))) __m256i lanes_below8(int64_t first, int64_t n) {
+  const int64_t left = std::max<int64_t>(std::min<int64_t>(n - first, 8), 0);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// float32 sums -> bfloat16 rounded to nearest even (NaN stays a quiet NaN), as at::BFloat16 rounds.
+inline __attribute__((target("avx2"))) __m128i to_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit lane: 4 values, twice
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+template <int ROWS, typename Out>
+__attribute__((target("avx2,fma"))) inline void store8(__m256 (&acc)[ROWS][8], int64_t u, int64_t n, const float* bias,
+                                                       Out* out) {
+  for (int b = 0; b < 8; ++b) {
+    const int64_t first = u * UNIT + b * 8;
+    if (first >= n) return;
+    const __m256i m = lanes_below8(first, n);
+    const __m256 add = bias != nullptr ? _mm256_maskload_ps(bias + first, m) : _mm256_setzero_ps();
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 v = _mm256_add_ps(acc[r][b], add);
+      if constexpr (std::is_same_v<Out, float>) {
+        _mm256_maskstore_ps(out + r * n + first, m, v);
+      } else if (n - first >= 8) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r * n + first), to_bf16(v));
+      } else {  // the last few outputs of a row
+        alignas(16) uint16_t lanes[8];
+        _mm_store_si128(reinterpret_cast<__m128i*>(lanes), to_bf16(v));
+        std::memcpy(out + r * n + first, lanes, (n - first) * 2);
+      }
+    }
+  }
+}
+
+template <int ROWS>
+__attribute__((target("avx2,fma"))) void unit_f32_avx2(const float* x, int64_t k, const float* w, int64_t u, int64_t n,
+                                                       const float* bias, float* out) {
+  __m256 acc[ROWS][8];
+  for (int r = 0; r < ROWS; ++r)
+    for (int b = 0; b < 8; ++b) acc[r][b] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < k; ++i) {
+    const float* step = w + i * UNIT;
+    prefetch_step(step);
+    __m256 xv[ROWS];
+    for (int r = 0; r < ROWS; ++r) xv[r] = _mm256_broadcast_ss(x + r * k + i);
+    for (int b = 0; b < 8; ++b) {
+      const __m256 wv = _mm256_loadu_ps(step + b * 8);
+      for (int r = 0; r < ROWS; ++r) acc[r][b] = _mm256_fmadd_ps(xv[r], wv, acc[r][b]);
+    }
+  }
+  store8<ROWS>(acc, u, n, bias, out);
+}
+
+// x_pairs here holds x as float32, k padded to even: the pair's two values are x[2p] and x[2p + 1].
+template <int ROWS>
+__attribute__((target("avx2,fma"))) void unit_bf16_avx2(const float* x, int64_t pairs, const uint16_t* w, int64_t u,
+                                                        int64_t n, const float* bias, at::BFloat16* out) {
+  __m256 acc[ROWS][8];
+  for (int r = 0; r < ROWS; ++r)
+    for (int b = 0; b < 8; ++b) acc[r][b] = _mm256_setzero_ps();
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* step = w + p * UNIT * 2;
+    prefetch_step(step);
+    __m256 x0[ROWS], x1[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      x0[r] = _mm256_broadcast_ss(x + r * pairs * 2 + 2 * p);
+      x1[r] = _mm256_broadcast_ss(x + r * pairs * 2 + 2 * p + 1);
+    }
+    for (int b = 0; b < 8; ++b) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step + b * 16));
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+      for (int r = 0; r < ROWS; ++r) acc[r][b] = _mm256_fmadd_ps(x1[r], odd, _mm256_fmadd_ps(x0[r], even, acc[r][b]));
+    }
+  }
+  store8<ROWS>(acc, u, n, bias, out);
+}
+
+bool has_avx512f() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+bool has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+// x: float32 rows, bfloat16 pairs (AVX512-BF16) or bfloat16 widened to float32 (AVX2), as run_rows prepares it.
 template <int ROWS>
 void unit(bool bf16, const void* x, int64_t k, const at::Tensor& packed, int64_t u, int64_t n, const float* bias,
           at::Tensor& out) {
   if (bf16) {
     const auto* w = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>()) + u * packed.stride(0);
-    unit_bf16<ROWS>(static_cast<const uint32_t*>(x), (k + 1) / 2, w, u, n, bias, out.mutable_data_ptr<at::BFloat16>());
+    auto* y = out.mutable_data_ptr<at::BFloat16>();
+    if (has_avx512_bf16()) {
+      unit_bf16<ROWS>(static_cast<const uint32_t*>(x), (k + 1) / 2, w, u, n, bias, y);
+    } else {
+      unit_bf16_avx2<ROWS>(static_cast<const float*>(x), (k + 1) / 2, w, u, n, bias, y);
+    }
   } else {
-    unit_f32<ROWS>(static_cast<const float*>(x), k, packed.const_data_ptr<float>() + u * packed.stride(0), u, n, bias,
-                   out.mutable_data_ptr<float>());
+    const float* w = packed.const_data_ptr<float>() + u * packed.stride(0);
+    auto* y = out.mutable_data_ptr<float>();
+    if (has_avx512f()) {
+      unit_f32<ROWS>(static_cast<const float*>(x), k, w, u, n, bias, y);
+    } else {
+      unit_f32_avx2<ROWS>(static_cast<const float*>(x), k, w, u, n, bias, y);
+    }
   }
 }
 
@@ -134,12 +243,20 @@ template <int ROWS>
 void run_rows(const at::Tensor& x, const at::Tensor& packed, const float* bias, int64_t n, at::Tensor& out) {
   const int64_t k = x.size(1), units = packed.size(0);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  // bfloat16 x as k/2 pairs (the last padded with a zero), each broadcast as one 32-bit value.
+  // bfloat16 x as k/2 pairs (the last padded with a zero), each broadcast as one 32-bit value; without
+  // AVX512-BF16 the same pairs widened to float32.
   const int64_t npairs = (k + 1) / 2;
-  std::vector<uint32_t> pairs(bf16 ? ROWS * npairs : 0, 0);
+  const bool widen = bf16 && !has_avx512_bf16();
+  std::vector<uint32_t> pairs(bf16 ? ROWS * npairs * (widen ? 2 : 1) : 0, 0);
   if (bf16) {
     const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
-    for (int r = 0; r < ROWS; ++r) std::memcpy(pairs.data() + r * npairs, xp + r * k, k * 2);
+    for (int r = 0; r < ROWS; ++r) {
+      if (widen) {  // a bfloat16 is a float32's upper half
+        for (int64_t i = 0; i < k; ++i) pairs[r * npairs * 2 + i] = static_cast<uint32_t>(xp[r * k + i]) << 16;
+      } else {
+        std::memcpy(pairs.data() + r * npairs, xp + r * k, k * 2);
+      }
+    }
   }
   const void* xs = bf16 ? static_cast<const void*>(pairs.data()) : static_cast<const void*>(x.const_data_ptr<float>());
   // Each thread streams its own contiguous share front to back: one sequential read that the prefetches run
@@ -162,9 +279,10 @@ void run_rows(const at::Tensor& x, const at::Tensor& packed, const float* bias, 
   }
 }
 
-// Whether this CPU runs gemv for the dtype (AVX-512 for float32, AVX512-BF16 for bfloat16).
+// Whether this CPU runs gemv for the dtype: AVX-512, AVX512-BF16 for bfloat16, or else AVX2 with FMA.
 bool gemv_available(c10::ScalarType dtype) {
-  return dtype == at::kBFloat16 ? has_avx512_bf16() : dtype == at::kFloat && __builtin_cpu_supports("avx512f");
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
+  return has_avx2_fma() || (dtype == at::kBFloat16 ? has_avx512_bf16() : has_avx512f());
 }
 
 // weight [n, k] float32 or bfloat16 -> the packed blocks described above.
@@ -191,7 +309,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const c10::option
   TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "gemv: x and the packed weight of one dtype");
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "gemv: float32 or bfloat16");
-  TORCH_CHECK(gemv_available(x.scalar_type()), "gemv: this CPU lacks ", bf16 ? "AVX512-BF16" : "AVX-512");
+  TORCH_CHECK(gemv_available(x.scalar_type()), "gemv: this CPU lacks AVX2 with FMA");
   TORCH_CHECK(bf16 ? (packed.dim() == 4 && packed.size(1) == (x.size(1) + 1) / 2)
                    : (packed.dim() == 3 && packed.size(1) == x.size(1)),
               "gemv: a weight packed by gemv_pack with k = ", x.size(1));

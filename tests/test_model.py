@@ -168,6 +168,8 @@ needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch b
 @pytest.mark.parametrize("preset", ["llama", "llama_tied", "llama_bias", "qwen2", "qwen3"])
 @pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.25)])
 def test_packed_linear_layers_give_the_plain_models_logits(preset, dtype, atol, tmp_path_factory, backend):
+    if not onednn_available(getattr(torch, dtype)):
+        pytest.skip("oneDNN packs bfloat16 only on CPUs with AVX-512 or AVX-NE-CONVERT")
     path = preset_checkpoint(tmp_path_factory, preset)
     plain, config = load_model(path, backend, dtype=dtype)
     packed, _ = load_model(path, backend, dtype=dtype)
@@ -206,7 +208,12 @@ def test_cpu_matmul_choice():
     assert resolve_cpu_matmul("auto", torch.device("meta"), torch.float32) == "aten"
     if onednn_available():
         assert resolve_cpu_matmul("auto", cpu, torch.float32) == "onednn"
+    if onednn_available(torch.bfloat16):
         assert resolve_cpu_matmul("onednn", cpu, torch.bfloat16) == "onednn"
+    else:  # a CPU without AVX-512: oneDNN cannot pack bf16, so auto takes aten and onednn is refused
+        assert resolve_cpu_matmul("auto", cpu, torch.bfloat16) == "aten"
+        with pytest.raises(ValueError, match="bfloat16: a CPU with AVX-512"):
+            resolve_cpu_matmul("onednn", cpu, torch.bfloat16)
     with pytest.raises(ValueError, match="cpu_matmul 'onednn' needs .* float32 or bfloat16"):
         resolve_cpu_matmul("onednn", cpu, torch.float16)
     with pytest.raises(ValueError, match="cpu_matmul must be one of auto, onednn, aten, got 'mkl'"):

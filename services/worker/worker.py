@@ -96,6 +96,10 @@ class Worker:
             gemv = use_gemv(self.model, config.cpu_matmul)
             log.info("oneDNN matmuls: %d linear layers packed%s", pack_linear_layers(self.model, gemv),
                      f"; up to {GEMV_ROWS} rows on the native GEMV's copy" if gemv else "")
+        elif self.device.type == "cpu" and config.cpu_matmul == "auto" and use_gemv(self.model, "auto"):
+            # oneDNN cannot pack this dtype here (bf16 without AVX-512): PyTorch's matmul, but the GEMV for decodes
+            log.info("aten matmuls (oneDNN cannot pack %s on this CPU); up to %d rows on the native GEMV's copy of "
+                     "%d linear layers", mc.dtype, GEMV_ROWS, pack_linear_layers(self.model, True, onednn=False))
         if self.device.type == "cpu" and hasattr(self.model, "native_layers"):
             self.model.native_layers = native_decode_layers(self.model)
             if self.model.native_layers is not None:

@@ -32,8 +32,11 @@ GEMV_ROWS = 4  # up to this many rows, the native GEMV on its own copy of the we
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)  # what oneDNN's CPU matmul takes; float16 stays on aten
 
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's packed matmul runs here for dtype: bfloat16 needs AVX-512 (or AVX-NE-CONVERT) to pack."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def padded_rows(rows: int) -> int:
@@ -45,14 +48,16 @@ def padded_rows(rows: int) -> int:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W held in oneDNN's layout; x is [tokens, in_features]."""
+    """y = x W^T + b with W held in oneDNN's layout (or as it is, for aten); x is [tokens, in_features]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool = False):
-        """gemv: also keep the weight packed for the native GEMV kernel (loaded by the caller)."""
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool = False, onednn: bool = True):
+        """gemv: also keep the weight packed for the native GEMV kernel (loaded by the caller). onednn=False:
+        more rows than the GEMV takes go to PyTorch's own matmul (a bf16 model where oneDNN cannot pack bf16)."""
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         # The batch-size hint only picks the initial blocking; every batch size runs on the same packed weight.
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64) if onednn else None
+        self.weight = None if onednn else weight.detach()
         self.bias = None if bias is None else bias.detach().clone()
         self.gemv_weight = torch.ops.tessera.gemv_pack(weight.detach()) if gemv else None
         self.gemv_bias = None if bias is None or not gemv else bias.detach().float().clone()
@@ -61,6 +66,8 @@ class PackedLinear(nn.Module):
         rows = x.shape[0]
         if rows <= GEMV_ROWS and self.gemv_weight is not None:
             return torch.ops.tessera.gemv(x, self.gemv_weight, self.gemv_bias, self.out_features)
+        if self.packed_weight is None:
+            return F.linear(x, self.weight, self.bias)
         padded = padded_rows(rows)
         if padded != rows:
             x = F.pad(x, (0, 0, 0, padded - rows))
@@ -69,17 +76,17 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"gemv={self.gemv_weight is not None}")
+                f"onednn={self.packed_weight is not None}, gemv={self.gemv_weight is not None}")
 
 
 def resolve_cpu_matmul(choice: str, device: torch.device, dtype: torch.dtype) -> str:
     """'onednn' or 'aten' for this device and dtype; an explicit 'onednn' that cannot run is an error."""
     if choice not in CHOICES:
         raise ValueError(f"cpu_matmul must be one of {', '.join(CHOICES)}, got {choice!r}")
-    usable = device.type == "cpu" and dtype in PACKABLE_DTYPES and onednn_available()
+    usable = device.type == "cpu" and dtype in PACKABLE_DTYPES and onednn_available(dtype)
     if choice == "onednn" and not usable:
-        raise ValueError(f"cpu_matmul 'onednn' needs the CPU device, a float32 or bfloat16 model and a PyTorch "
-                         f"built with oneDNN (device {device.type}, dtype {dtype})")
+        raise ValueError(f"cpu_matmul 'onednn' needs the CPU device, a float32 or bfloat16 model (bfloat16: a CPU "
+                         f"with AVX-512) and a PyTorch built with oneDNN (device {device.type}, dtype {dtype})")
     if choice == "auto":
         return "onednn" if usable else "aten"
     return choice
@@ -155,8 +162,9 @@ def use_gemv(model: nn.Module, choice: str) -> bool:
     return True
 
 
-def pack_linear_layers(model: nn.Module, gemv: bool = False) -> int:
+def pack_linear_layers(model: nn.Module, gemv: bool = False, onednn: bool = True) -> int:
     """Replaces the model's nn.Linear layers and its LM head with PackedLinear; returns how many were packed.
-    gemv: each also keeps a copy for the native GEMV kernel (use_gemv decides)."""
+    gemv: each also keeps a copy for the native GEMV kernel (use_gemv decides); onednn=False: only that copy,
+    larger batches on aten."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", PRIMITIVE_CACHE_CAPACITY)
-    return replace_linear_layers(model, lambda weight, bias: PackedLinear(weight, bias, gemv))
+    return replace_linear_layers(model, lambda weight, bias: PackedLinear(weight, bias, gemv, onednn))
