@@ -16,13 +16,15 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
 
 // sum_i q[i] * w[i] over k int8s, exactly, three ways. With AVX512-VNNI: vpdpbusd multiplies unsigned by signed
 // bytes, so q is shifted to u = q + 128 (made once per row of x) and 128 * sum(w) is taken back off (the
-// layer keeps each weight row's sum). Else AVX512-BW: bytes widened to int16, vpmaddwd. Else plain C++.
+// layer keeps each weight row's sum). Else AVX512-BW: bytes widened to int16, vpmaddwd; else the same on AVX2.
+// Else plain C++.
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) int32_t dot_vnni(const uint8_t* u, const int8_t* w,
                                                                          int64_t k, int32_t w_sum) {
   __m512i acc = _mm512_setzero_si512();
@@ -47,24 +49,52 @@ __attribute__((target("avx512f,avx512bw"))) int32_t dot_avx512bw(const int8_t* q
   return total;
 }
 
+__attribute__((target("avx2"))) int32_t dot_avx2(const int8_t* q, const int8_t* w, int64_t k) {
+  __m256i acc = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+    const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+  }
+  const __m128i half = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+  const __m128i quarter = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4E));
+  int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(quarter, _mm_shuffle_epi32(quarter, 0xB1)));
+  for (; i < k; ++i) total += static_cast<int32_t>(q[i]) * static_cast<int32_t>(w[i]);
+  return total;
+}
+
 int32_t dot_plain(const int8_t* q, const int8_t* w, int64_t k) {
   int32_t total = 0;
   for (int64_t i = 0; i < k; ++i) total += static_cast<int32_t>(q[i]) * static_cast<int32_t>(w[i]);
   return total;
 }
 
-enum class Dot { vnni, avx512bw, plain };
+enum class Dot { vnni, avx512bw, avx2, plain };
 
-// The best this CPU runs; TESSERA_INT8_DOT=avx512bw or plain picks a lesser one (the tests check each).
+// The best this CPU runs; TESSERA_INT8_DOT=avx512bw, avx2 or plain picks a lesser one (the tests check each).
 Dot best_dot() {
   static const Dot dot = [] {
     const char* forced = std::getenv("TESSERA_INT8_DOT");
-    const bool bw = __builtin_cpu_supports("avx512bw"), vnni = bw && __builtin_cpu_supports("avx512vnni");
-    if (forced != nullptr && std::strcmp(forced, "plain") == 0) return Dot::plain;
-    if (forced != nullptr && std::strcmp(forced, "avx512bw") == 0 && bw) return Dot::avx512bw;
-    return vnni ? Dot::vnni : bw ? Dot::avx512bw : Dot::plain;
+    const bool avx2 = __builtin_cpu_supports("avx2"), bw = __builtin_cpu_supports("avx512bw"),
+               vnni = bw && __builtin_cpu_supports("avx512vnni");
+    const auto is = [&](const char* name) { return forced != nullptr && std::strcmp(forced, name) == 0; };
+    if (is("plain")) return Dot::plain;
+    if (is("avx2") && avx2) return Dot::avx2;
+    if (is("avx512bw") && bw) return Dot::avx512bw;
+    return vnni ? Dot::vnni : bw ? Dot::avx512bw : avx2 ? Dot::avx2 : Dot::plain;
   }();
   return dot;
+}
+
+// Which dot int8_linear_rows uses here: vnni, avx512bw, avx2 or plain.
+std::string int8_dot() {
+  switch (best_dot()) {
+    case Dot::vnni: return "vnni";
+    case Dot::avx512bw: return "avx512bw";
+    case Dot::avx2: return "avx2";
+    default: return "plain";
+  }
 }
 
 // x [m, k] (float32 or bfloat16), weight [n, k] int8, weight_scale [n] float32, weight_sums [n] int32 (each
@@ -123,6 +153,7 @@ at::Tensor int8_linear_rows(const at::Tensor& x, const at::Tensor& weight, const
       for (int64_t r = 0; r < rows; ++r) {
         const int32_t acc = dot == Dot::vnni       ? dot_vnni(u.data() + r * k, wj, k, sp[j])
                             : dot == Dot::avx512bw ? dot_avx512bw(q.data() + r * k, wj, k)
+                            : dot == Dot::avx2     ? dot_avx2(q.data() + r * k, wj, k)
                                                    : dot_plain(q.data() + r * k, wj, k);
         float y = static_cast<float>(acc) * scale[r];  // the PyTorch path's order: (acc * s_x) * s_w + b
         y = y * wsp[j];
@@ -139,4 +170,5 @@ at::Tensor int8_linear_rows(const at::Tensor& x, const at::Tensor& weight, const
 TORCH_LIBRARY_FRAGMENT(tessera, m) {
   m.def("int8_linear_rows(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_sums, Tensor? bias) -> Tensor");
   m.impl("int8_linear_rows", c10::DispatchKey::CPU, TORCH_FN(int8_linear_rows));
+  m.def("int8_dot() -> str", &int8_dot);
 }

@@ -50,7 +50,8 @@ for k, n in ((512, 1024), (1408, 96), (77, 33)):  # 77: not a whole number of ve
         layer = Int8Linear(torch.randn(n, k) / k ** 0.5, bias)
         assert layer.native is not None, "the native int8 kernel did not build"
         for dtype in (torch.float32, torch.bfloat16):
-            for rows in range(1, NATIVE_ROWS + 1):
+            for rows in (*range(1, NATIVE_ROWS + 1), 5, 64):  # more rows run natively on CPUs without AVX-512
+                layer.native_rows = 1 << 62
                 x = (torch.randn(rows, k) * 3).to(dtype)
                 x[0] = 0.0  # an all-zero row: scale 1
                 native = layer(x)
@@ -62,9 +63,9 @@ print("identical")
 """
 
 
-@pytest.mark.parametrize("dot", ["best", "avx512bw", "plain"])
+@pytest.mark.parametrize("dot", ["best", "avx512bw", "avx2", "plain"])
 def test_the_native_int8_kernel_for_a_few_rows_is_bit_for_bit_the_pytorch_path(dot):
-    """Each of its dot products (VNNI where the CPU has it, AVX512-BW, plain C++; a forced one the CPU lacks
+    """Each of its dot products (VNNI where the CPU has it, AVX512-BW, AVX2, plain C++; a forced one the CPU lacks
     falls back to the next), in a process of its own since the choice is made once."""
     import os
     import subprocess

@@ -28,6 +28,13 @@ from tessera.worker.models.packed_linear import padded_rows, replace_linear_laye
 NATIVE_ROWS = 4  # up to this many rows (decode of a few requests) the native kernel; above, oneDNN's GEMM
 
 
+def native_rows() -> int:
+    """Rows up to which the native kernel runs: NATIVE_ROWS, or every count on a CPU without AVX-512, where
+    oneDNN's int8 GEMM has no fast path (a batch-64 step of the bench model's linears: 1.1 s, ~20x float32's)
+    and the kernel, which reads each weight row once for all rows of x, is the faster GEMM too."""
+    return NATIVE_ROWS if torch.ops.tessera.int8_dot() in ("vnni", "avx512bw") else 1 << 62
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, fp32 scale per row) with x ~= values * scale; an all-zero row gets scale 1."""
     x = x.float()
@@ -49,10 +56,11 @@ class Int8Linear(nn.Module):
         self.weight_scale = scale.reshape(1, -1)  # [1, out]
         self.bias = None if bias is None else bias.detach().float().clone()
         self.native = paged_attention_cpu.load("int8_linear")  # None without a compiler: oneDNN only
+        self.native_rows = NATIVE_ROWS if self.native is None else native_rows()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if rows <= NATIVE_ROWS and self.native is not None:
+        if rows <= self.native_rows and self.native is not None:
             return self.native(x, self.weight, self.weight_scale, self.weight_sums, self.bias)
         padded = padded_rows(rows)  # oneDNN compiles per row count, as in packed_linear.py
         values, scale = quantize_rows(x)
