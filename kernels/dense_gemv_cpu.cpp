@@ -19,7 +19,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -30,8 +32,15 @@ constexpr int64_t UNIT = 64;     // outputs per packed unit: four vectors, one 2
 constexpr int64_t MAX_ROWS = 4;  // rows of x per call: 4 x 4 accumulators stay in registers
 constexpr int64_t PREFETCH = 2048;  // bytes ahead in the stream: eight steps of k
 
+// TESSERA_GEMV=avx2 takes the AVX2 path on an AVX-512 CPU too (the tests check it there).
+bool avx2_forced() {
+  static const bool yes = std::getenv("TESSERA_GEMV") != nullptr && std::strcmp(std::getenv("TESSERA_GEMV"), "avx2") == 0;
+  return yes;
+}
+
 bool has_avx512_bf16() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  static const bool yes =
+      !avx2_forced() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
   return yes;
 }
 
@@ -200,7 +209,7 @@ __attribute__((target("avx2,fma"))) void unit_bf16_avx2(const float* x, int64_t 
 }
 
 bool has_avx512f() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
+  static const bool yes = !avx2_forced() && __builtin_cpu_supports("avx512f");
   return yes;
 }
 
@@ -279,11 +288,14 @@ void run_rows(const at::Tensor& x, const at::Tensor& packed, const float* bias, 
   }
 }
 
-// Whether this CPU runs gemv for the dtype: AVX-512, AVX512-BF16 for bfloat16, or else AVX2 with FMA.
-bool gemv_available(c10::ScalarType dtype) {
-  if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
-  return has_avx2_fma() || (dtype == at::kBFloat16 ? has_avx512_bf16() : has_avx512f());
+// The path gemv takes for the dtype on this CPU: avx512 (AVX512-BF16 for bfloat16), else avx2 (with FMA), or none.
+std::string gemv_isa(c10::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return "none";
+  if (dtype == at::kBFloat16 ? has_avx512_bf16() : has_avx512f()) return "avx512";
+  return has_avx2_fma() ? "avx2" : "none";
 }
+
+bool gemv_available(c10::ScalarType dtype) { return gemv_isa(dtype) != "none"; }
 
 // weight [n, k] float32 or bfloat16 -> the packed blocks described above.
 at::Tensor gemv_pack(const at::Tensor& weight) {
@@ -340,6 +352,7 @@ TORCH_LIBRARY_FRAGMENT(tessera, m) {
   m.def("gemv_pack(Tensor weight) -> Tensor");
   m.def("gemv(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor");
   m.def("gemv_available(ScalarType dtype) -> bool", &gemv_available);
+  m.def("gemv_isa(ScalarType dtype) -> str", &gemv_isa);
   m.impl("gemv_pack", c10::DispatchKey::CPU, TORCH_FN(gemv_pack));
   m.impl("gemv", c10::DispatchKey::CPU, TORCH_FN(gemv));
 }

@@ -106,6 +106,26 @@ def test_gemv_matches_a_float64_matmul_for_one_to_four_rows(dtype, n, k):
 
 
 @pytest.mark.skipif(not gemv_runs(torch.float32), reason="the native GEMV needs AVX2 (or AVX-512) and a C++ compiler")
+def test_the_gemvs_avx2_path_matches_too_where_the_cpu_has_avx512():
+    """CPUs without AVX-512 take the AVX2 path; TESSERA_GEMV=avx2 makes any CPU take it, in a process of its own
+    (the choice is made once), where the float64 comparison above runs again."""
+    import os
+    import subprocess
+    import sys
+
+    check = ("import torch; from tessera.kernels import paged_attention_cpu as p; p.load('dense_gemv'); "
+             "print(torch.ops.tessera.gemv_isa(torch.float32), torch.ops.tessera.gemv_isa(torch.bfloat16))")
+    env = {**os.environ, "TESSERA_GEMV": "avx2"}
+    isa = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300)
+    assert isa.stdout.split() == ["avx2", "avx2"], isa.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                             "test_gemv_matches_a_float64_matmul"], capture_output=True, text=True, env=env,
+                            timeout=600, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0 and " passed" in result.stdout and "skipped" not in result.stdout, \
+        result.stdout[-2000:]
+
+
+@pytest.mark.skipif(not gemv_runs(torch.float32), reason="the native GEMV needs AVX2 (or AVX-512) and a C++ compiler")
 def test_gemv_refuses_what_it_cannot_compute():
     packed = torch.ops.tessera.gemv_pack(torch.randn(40, 24))
     with pytest.raises(RuntimeError, match="1 <= m <= 4"):
