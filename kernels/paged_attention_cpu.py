@@ -79,7 +79,10 @@ def compile_flags(capability: str, kernel: str) -> list[str]:
     return ["-O3", "-ffast-math" if fast_math else "-ffp-contract=off", "-fopenmp", *ISA_FLAGS.get(capability, [])]
 
 
-def _build(capability: str | None = None, kernel: str = "paged_attention"):
+def _build(capability: str | None = None, kernel: str = "paged_attention", load_library: bool = True):
+    """The kernel's op, built first if needed. load_library=False only builds it (True when it is built): a
+    library for another ISA than this CPU's may not even load here (an AVX-512 one dies of SIGILL on an AVX2
+    machine building a multi-ISA image)."""
     capability = capability or torch.backends.cpu.get_cpu_capability()
     path, op, _ = KERNELS[kernel]
     directory = build_directory(capability, kernel)
@@ -87,6 +90,8 @@ def _build(capability: str | None = None, kernel: str = "paged_attention"):
     start = time.perf_counter()
     try:
         if (directory / BUILT).exists():  # built before (an image, an earlier start): no compiler needed
+            if not load_library:
+                return True
             torch.ops.load_library(str(library))
             return getattr(torch.ops.tessera, op)
         from torch.utils import cpp_extension
@@ -100,21 +105,23 @@ def _build(capability: str | None = None, kernel: str = "paged_attention"):
             (directory / "lock").unlink(missing_ok=True)
             log.info("building the native CPU %s kernel for %s (first start on this machine, ~20 s)...", kernel,
                      capability)
-            cpp_extension.load(
-                name=f"tessera_{directory.name}",
-                sources=[str(path)],
-                extra_cflags=compile_flags(capability, kernel),
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(directory),
-                is_python_module=False,
-            )
+            options = dict(name=f"tessera_{directory.name}", sources=[str(path)],
+                           extra_cflags=compile_flags(capability, kernel), extra_ldflags=["-fopenmp"],
+                           build_directory=str(directory))
+            if load_library:
+                cpp_extension.load(**options, is_python_module=False)
+            else:  # what load() runs before it loads the library (a private function of torch's, stable in 2.x)
+                cpp_extension._write_ninja_file_and_build_library(
+                    **options, extra_cuda_cflags=None, extra_sycl_cflags=None, extra_include_paths=None,
+                    verbose=False, with_cuda=False, with_sycl=False)
             (directory / BUILT).touch()  # last: a build killed before this point is redone
     except Exception as e:  # no compiler, no ninja, a read-only cache...: the PyTorch path still works
         log.warning("native CPU %s kernel unavailable, using its PyTorch path instead: %s", kernel,
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return None
-    log.info("native CPU %s kernel ready (%s, %.1f s)", kernel, capability, time.perf_counter() - start)
-    return getattr(torch.ops.tessera, op)
+    log.info("native CPU %s kernel %s (%s, %.1f s)", kernel, "ready" if load_library else "built", capability,
+             time.perf_counter() - start)
+    return getattr(torch.ops.tessera, op) if load_library else True
 
 
 if __name__ == "__main__":
@@ -124,4 +131,6 @@ if __name__ == "__main__":
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(0 if all(_build(sys.argv[1] if len(sys.argv) > 1 else None, kernel) for kernel in KERNELS) else 1)
+    isa = sys.argv[1] if len(sys.argv) > 1 else torch.backends.cpu.get_cpu_capability()
+    native = isa == torch.backends.cpu.get_cpu_capability()  # only this CPU's own ISA is loaded to check it
+    sys.exit(0 if all(_build(isa, kernel, load_library=native) for kernel in KERNELS) else 1)

@@ -204,3 +204,22 @@ def test_a_complete_cpu_kernel_build_loads_with_no_compiler(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split()[-1] == "False", out.stderr[-2000:]
     assert "native CPU paged_attention kernel unavailable" in out.stderr
+
+
+def test_kernels_for_another_isa_are_built_without_being_loaded(tmp_path):
+    """The CPU image builds every ISA's kernels on whatever machine builds it; an AVX-512 library loaded on an
+    AVX2 machine dies of SIGILL, so a build for an ISA other than this CPU's only compiles (and stamps) it."""
+    import os
+    import subprocess
+    import sys
+
+    other = "AVX2" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "AVX512"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "tessera.kernels.paged_attention_cpu", other], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for kernel in paged_attention_cpu.KERNELS:
+        assert f"native CPU {kernel} kernel built ({other}" in out.stderr
+        directory = tmp_path / "tessera" / paged_attention_cpu.build_directory(other, kernel).name
+        assert (directory / paged_attention_cpu.BUILT).exists()
+        assert (directory / f"tessera_{directory.name}.so").stat().st_size > 0
