@@ -64,6 +64,51 @@ __attribute__((target("avx2"))) int32_t dot_avx2(const int8_t* q, const int8_t* 
   return total;
 }
 
+// AVX2, many rows (a batch or a prefill on a CPU whose oneDNN has no fast int8 GEMM): the int32 sums of
+// rows [r0, r1) of x against weight rows [j0, j1), x pre-widened to int16. Two rows of x by four weight rows of
+// sums stay in registers, so each 16-value load of either serves four or two products instead of one.
+__attribute__((target("avx2"))) inline int32_t hsum8(__m256i v) {
+  const __m128i half = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i quarter = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(quarter, _mm_shuffle_epi32(quarter, 0xB1)));
+}
+
+__attribute__((target("avx2"))) void sums_avx2(const int16_t* x16, const int8_t* q, const int8_t* w, int64_t k,
+                                               int64_t n, int64_t r0, int64_t r1, int64_t j0, int64_t j1,
+                                               int32_t* sums) {
+  const int64_t body = k / 16 * 16;
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) {
+      __m256i acc[2][4];
+      for (int a = 0; a < 2; ++a)
+        for (int c = 0; c < 4; ++c) acc[a][c] = _mm256_setzero_si256();
+      for (int64_t i = 0; i < body; i += 16) {
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + r * k + i));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + (r + 1) * k + i));
+        for (int c = 0; c < 4; ++c) {
+          const __m256i wc =
+              _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (j + c) * k + i)));
+          acc[0][c] = _mm256_add_epi32(acc[0][c], _mm256_madd_epi16(x0, wc));
+          acc[1][c] = _mm256_add_epi32(acc[1][c], _mm256_madd_epi16(x1, wc));
+        }
+      }
+      for (int a = 0; a < 2; ++a)
+        for (int c = 0; c < 4; ++c) {
+          int32_t total = hsum8(acc[a][c]);
+          for (int64_t i = body; i < k; ++i)
+            total += static_cast<int32_t>(q[(r + a) * k + i]) * static_cast<int32_t>(w[(j + c) * k + i]);
+          sums[(r + a) * n + j + c] = total;
+        }
+    }
+    for (; r < r1; ++r)
+      for (int c = 0; c < 4; ++c) sums[r * n + j + c] = dot_avx2(q + r * k, w + (j + c) * k, k);
+  }
+  for (; j < j1; ++j)
+    for (int64_t r = r0; r < r1; ++r) sums[r * n + j] = dot_avx2(q + r * k, w + j * k, k);
+}
+
 int32_t dot_plain(const int8_t* q, const int8_t* w, int64_t k) {
   int32_t total = 0;
   for (int64_t i = 0; i < k; ++i) total += static_cast<int32_t>(q[i]) * static_cast<int32_t>(w[i]);
@@ -126,16 +171,18 @@ at::Tensor int8_linear_rows(const at::Tensor& x, const at::Tensor& weight, const
   std::vector<int8_t> q(rows * k);
   std::vector<float> scale(rows);
   const float* xp = xf.const_data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    float amax = 0.f;
-    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(xp[r * k + i]));
-    const float s = amax / 127.0f;
-    scale[r] = s > 0.f ? s : 1.0f;
-    for (int64_t i = 0; i < k; ++i) {
-      const float v = std::nearbyint(xp[r * k + i] / scale[r]);
-      q[r * k + i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float amax = 0.f;
+      for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(xp[r * k + i]));
+      const float s = amax / 127.0f;
+      scale[r] = s > 0.f ? s : 1.0f;
+      for (int64_t i = 0; i < k; ++i) {
+        const float v = std::nearbyint(xp[r * k + i] / scale[r]);
+        q[r * k + i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+      }
     }
-  }
+  });
 
   const Dot dot = best_dot();
   std::vector<uint8_t> u(dot == Dot::vnni ? rows * k : 0);
@@ -146,22 +193,41 @@ at::Tensor int8_linear_rows(const at::Tensor& x, const at::Tensor& weight, const
   float* op = out.mutable_data_ptr<float>();
   const int8_t* wp = w.const_data_ptr<int8_t>();
   const float* wsp = ws.const_data_ptr<float>();
-  // Each weight row is read once, for every row of x, while it is in cache.
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const int8_t* wj = wp + j * k;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int32_t acc = dot == Dot::vnni       ? dot_vnni(u.data() + r * k, wj, k, sp[j])
-                            : dot == Dot::avx512bw ? dot_avx512bw(q.data() + r * k, wj, k)
-                            : dot == Dot::avx2     ? dot_avx2(q.data() + r * k, wj, k)
-                                                   : dot_plain(q.data() + r * k, wj, k);
-        float y = static_cast<float>(acc) * scale[r];  // the PyTorch path's order: (acc * s_x) * s_w + b
-        y = y * wsp[j];
-        if (b != nullptr) y = y + b[j];
-        op[r * n + j] = y;
+  const auto rescale = [&](int32_t acc, int64_t r, int64_t j) {
+    float y = static_cast<float>(acc) * scale[r];  // the PyTorch path's order: (acc * s_x) * s_w + b
+    y = y * wsp[j];
+    if (b != nullptr) y = y + b[j];
+    op[r * n + j] = y;
+  };
+  if (dot == Dot::avx2 && rows > 4) {
+    // Many rows on AVX2: blocked sums, x in tiles of 64 rows that stay in L2 while a thread's share of the
+    // weight rows passes them, each tile rescaled as soon as its sums are in.
+    std::vector<int16_t> x16(q.begin(), q.end());
+    std::vector<int32_t> blocked(rows * n);
+    at::parallel_for(0, (n + 3) / 4, 4, [&](int64_t begin, int64_t end) {
+      const int64_t j0 = 4 * begin, j1 = std::min<int64_t>(n, 4 * end);
+      for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+        const int64_t r1 = std::min<int64_t>(rows, r0 + 64);
+        sums_avx2(x16.data(), q.data(), wp, k, n, r0, r1, j0, j1, blocked.data());
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = j0; j < j1; ++j) rescale(blocked[r * n + j], r, j);
       }
-    }
-  });
+    });
+  } else {
+    // Each weight row is read once, for every row of x, while it is in cache.
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int8_t* wj = wp + j * k;
+        for (int64_t r = 0; r < rows; ++r) {
+          rescale(dot == Dot::vnni       ? dot_vnni(u.data() + r * k, wj, k, sp[j])
+                  : dot == Dot::avx512bw ? dot_avx512bw(q.data() + r * k, wj, k)
+                  : dot == Dot::avx2     ? dot_avx2(q.data() + r * k, wj, k)
+                                         : dot_plain(q.data() + r * k, wj, k),
+                  r, j);
+        }
+      }
+    });
+  }
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
