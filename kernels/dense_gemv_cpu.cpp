@@ -34,7 +34,8 @@ constexpr int64_t PREFETCH = 2048;  // bytes ahead in the stream: eight steps of
 
 // TESSERA_GEMV=avx2 takes the AVX2 path on an AVX-512 CPU too (the tests check it there).
 bool avx2_forced() {
-  static const bool yes = std::getenv("TESSERA_GEMV") != nullptr && std::strcmp(std::getenv("TESSERA_GEMV"), "avx2") == 0;
+  static const char* forced = std::getenv("TESSERA_GEMV");
+  static const bool yes = forced != nullptr && std::strcmp(forced, "avx2") == 0;
   return yes;
 }
 

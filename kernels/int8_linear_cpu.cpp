@@ -49,6 +49,13 @@ __attribute__((target("avx512f,avx512bw"))) int32_t dot_avx512bw(const int8_t* q
   return total;
 }
 
+// The sum of a vector's eight int32 lanes.
+__attribute__((target("avx2"))) inline int32_t hsum8(__m256i v) {
+  const __m128i half = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i quarter = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(quarter, _mm_shuffle_epi32(quarter, 0xB1)));
+}
+
 __attribute__((target("avx2"))) int32_t dot_avx2(const int8_t* q, const int8_t* w, int64_t k) {
   __m256i acc = _mm256_setzero_si256();
   int64_t i = 0;
@@ -57,9 +64,7 @@ __attribute__((target("avx2"))) int32_t dot_avx2(const int8_t* q, const int8_t* 
     const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
     acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
   }
-  const __m128i half = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-  const __m128i quarter = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4E));
-  int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(quarter, _mm_shuffle_epi32(quarter, 0xB1)));
+  int32_t total = hsum8(acc);
   for (; i < k; ++i) total += static_cast<int32_t>(q[i]) * static_cast<int32_t>(w[i]);
   return total;
 }
@@ -67,11 +72,6 @@ __attribute__((target("avx2"))) int32_t dot_avx2(const int8_t* q, const int8_t* 
 // AVX2, many rows (a batch or a prefill on a CPU whose oneDNN has no fast int8 GEMM): the int32 sums of
 // rows [r0, r1) of x against weight rows [j0, j1), x pre-widened to int16. Two rows of x by four weight rows of
 // sums stay in registers, so each 16-value load of either serves four or two products instead of one.
-__attribute__((target("avx2"))) inline int32_t hsum8(__m256i v) {
-  const __m128i half = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  const __m128i quarter = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4E));
-  return _mm_cvtsi128_si32(_mm_add_epi32(quarter, _mm_shuffle_epi32(quarter, 0xB1)));
-}
 
 __attribute__((target("avx2"))) void sums_avx2(const int16_t* x16, const int8_t* q, const int8_t* w, int64_t k,
                                                int64_t n, int64_t r0, int64_t r1, int64_t j0, int64_t j1,

@@ -49,9 +49,9 @@ for k, n in ((512, 1024), (1408, 96), (77, 33)):  # 77: not a whole number of ve
     for bias in (None, torch.randn(n)):
         layer = Int8Linear(torch.randn(n, k) / k ** 0.5, bias)
         assert layer.native is not None, "the native int8 kernel did not build"
+        layer.native_rows = 1 << 62  # more rows run natively on CPUs without AVX-512: check those here too
         for dtype in (torch.float32, torch.bfloat16):
-            for rows in (*range(1, NATIVE_ROWS + 1), 5, 64):  # more rows run natively on CPUs without AVX-512
-                layer.native_rows = 1 << 62
+            for rows in (*range(1, NATIVE_ROWS + 1), 5, 64):
                 x = (torch.randn(rows, k) * 3).to(dtype)
                 x[0] = 0.0  # an all-zero row: scale 1
                 native = layer(x)

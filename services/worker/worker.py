@@ -96,7 +96,8 @@ class Worker:
             gemv = use_gemv(self.model, config.cpu_matmul)
             log.info("oneDNN matmuls: %d linear layers packed%s", pack_linear_layers(self.model, gemv),
                      f"; up to {GEMV_ROWS} rows on the native GEMV's copy" if gemv else "")
-        elif self.device.type == "cpu" and config.cpu_matmul == "auto" and use_gemv(self.model, "auto"):
+        elif self.cpu_matmul == "aten" and config.cpu_matmul == "auto" and self.device.type == "cpu" \
+                and use_gemv(self.model, "auto"):
             # oneDNN cannot pack this dtype here (bf16 without AVX-512): PyTorch's matmul, but the GEMV for decodes
             log.info("aten matmuls (oneDNN cannot pack %s on this CPU); up to %d rows on the native GEMV's copy of "
                      "%d linear layers", mc.dtype, GEMV_ROWS, pack_linear_layers(self.model, True, onednn=False))

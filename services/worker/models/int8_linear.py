@@ -30,7 +30,7 @@ NATIVE_ROWS = 4  # up to this many rows (decode of a few requests) the native ke
 
 def native_rows() -> int:
     """Rows up to which the native kernel runs: NATIVE_ROWS, or every count on a CPU without AVX-512, where
-    oneDNN's int8 GEMM has no fast path (a batch-64 step of the bench model's linears: 1.1 s, ~20x float32's)
+    oneDNN's int8 GEMM has no fast path (the bench model's linears at 64 rows: 1.4 s, ~30x float32's)
     and the kernel, which reads each weight row once for all rows of x, is the faster GEMM too."""
     return NATIVE_ROWS if torch.ops.tessera.int8_dot() in ("vnni", "avx512bw") else 1 << 62
 
