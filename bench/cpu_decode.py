@@ -14,12 +14,13 @@ import random
 import time
 
 import torch
+import torch.nn.functional as F
 
 from bench_model import BENCH_SHAPE, build_bench_model, cpu_model, time_layers
 from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.sampling_params import SamplingParams
 from tessera.worker.models.int8_linear import Int8Linear
-from tessera.worker.models.packed_linear import PackedLinear, onednn_available
+from tessera.worker.models.packed_linear import PackedLinear, batch_matmul
 
 WEIGHTS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
            "int8": dict(dtype="float32", quantization="int8")}
@@ -66,8 +67,11 @@ def bare_linears(variant: str, batch: int, steps: int = 8) -> tuple[float, int]:
         nbytes = sum(w.numel() for w in weights)
     else:
         dtype = getattr(torch, variant)
-        # oneDNN's packed weights, or aten's where oneDNN cannot pack the dtype (bf16 without AVX-512), as the worker
-        layers = [PackedLinear(w.to(dtype), None, onednn=onednn_available(dtype)) for w in weights]
+        # What the worker runs batches on: oneDNN's packed weights, the native bf16 kernel where oneDNN cannot run
+        # bf16 (no AVX-512), else PyTorch's matmul
+        kind = batch_matmul(dtype)
+        layers = [PackedLinear(w.to(dtype), None, batches=kind) if kind != "aten"
+                  else (lambda x, w=w.to(dtype): F.linear(x, w)) for w in weights]
         nbytes = sum(w.numel() * dtype.itemsize for w in weights)
     inputs = [torch.randn(batch, w.shape[1], dtype=dtype) for w in weights]
     return time_layers(layers, inputs, steps), nbytes

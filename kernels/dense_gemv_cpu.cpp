@@ -23,6 +23,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -142,11 +143,12 @@ inline __attribute__((target("avx2"))) __m128i to_bf16(__m256 v) {
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
 }
 
-template <int ROWS, typename Out>
-__attribute__((target("avx2,fma"))) inline void store8(__m256 (&acc)[ROWS][8], int64_t u, int64_t n, const float* bias,
-                                                       Out* out) {
-  for (int b = 0; b < 8; ++b) {
-    const int64_t first = u * UNIT + b * 8;
+// BLOCKS vectors of eight sums a row, for the outputs from `start` on; out points at row 0 of [ROWS, n].
+template <int ROWS, int BLOCKS, typename Out>
+__attribute__((target("avx2,fma"))) inline void store8(__m256 (&acc)[ROWS][BLOCKS], int64_t start, int64_t n,
+                                                       const float* bias, Out* out) {
+  for (int b = 0; b < BLOCKS; ++b) {
+    const int64_t first = start + b * 8;
     if (first >= n) return;
     const __m256i m = lanes_below8(first, n);
     const __m256 add = bias != nullptr ? _mm256_maskload_ps(bias + first, m) : _mm256_setzero_ps();
@@ -181,7 +183,7 @@ __attribute__((target("avx2,fma"))) void unit_f32_avx2(const float* x, int64_t k
       for (int r = 0; r < ROWS; ++r) acc[r][b] = _mm256_fmadd_ps(xv[r], wv, acc[r][b]);
     }
   }
-  store8<ROWS>(acc, u, n, bias, out);
+  store8<ROWS, 8>(acc, u * UNIT, n, bias, out);
 }
 
 // x_pairs here holds x as float32, k padded to even: the pair's two values are x[2p] and x[2p + 1].
@@ -206,7 +208,7 @@ __attribute__((target("avx2,fma"))) void unit_bf16_avx2(const float* x, int64_t 
       for (int r = 0; r < ROWS; ++r) acc[r][b] = _mm256_fmadd_ps(x1[r], odd, _mm256_fmadd_ps(x0[r], even, acc[r][b]));
     }
   }
-  store8<ROWS>(acc, u, n, bias, out);
+  store8<ROWS, 8>(acc, u * UNIT, n, bias, out);
 }
 
 bool has_avx512f() {
@@ -347,6 +349,101 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const c10::option
 }
 
 
+// Many rows of bfloat16 where oneDNN cannot run bfloat16 (AVX2 + FMA CPUs, no AVX-512), on the same packed
+// weight, so a bf16 model keeps one copy of its weights: PyTorch's own bf16 matmul ran a batch-64 decode step
+// ~4x slower than float32 on oneDNN. Past a few rows the work is arithmetic, not the stream: each strip of 16
+// outputs is widened once to float32 ([k][16], contiguous: the packed unit's 256-byte rows read as strips mapped
+// onto a sixteenth of L1's sets) and multiplied against six rows of x at a time, 6 x 2 vectors of sums that each
+// take one fused multiply-add per k (15 of the 16 registers).
+constexpr int64_t STRIP = 16;     // outputs per strip: two vectors
+constexpr int64_t TILE_ROWS = 6;  // rows of x per pass over a strip
+
+// The strip of outputs [start, start + 16) of a packed unit (w: its first pair), as float32 [kp][16].
+__attribute__((target("avx2"))) void widen_strip(const uint16_t* w, int64_t pairs, float* strip) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* step = w + p * UNIT * 2;
+    for (int half = 0; half < 2; ++half) {  // outputs 0-7, then 8-15: eight (k, k + 1) pairs a vector
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(step + half * 16));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(strip + 2 * p * STRIP + half * 8), _mm256_slli_epi32(v, 16));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(strip + (2 * p + 1) * STRIP + half * 8), _mm256_and_si256(v, high));
+    }
+  }
+}
+
+// The rows unrolled by a fold over R = 0..ROWS-1: with only constant indices the compiler keeps the sums in
+// registers (indexed by loop counters, even unrolled ones, they stayed in memory: a store after every FMA).
+template <int ROWS, size_t... R>
+__attribute__((target("avx2,fma"))) void strip_rows_avx2(const float* x, int64_t kp, const float* strip, int64_t start,
+                                                         int64_t n, const float* bias, at::BFloat16* out,
+                                                         std::index_sequence<R...>) {
+  __m256 acc[ROWS][2];
+  ((acc[R][0] = acc[R][1] = _mm256_setzero_ps()), ...);
+  for (int64_t i = 0; i < kp; ++i) {
+    const __m256 w0 = _mm256_loadu_ps(strip + i * STRIP), w1 = _mm256_loadu_ps(strip + i * STRIP + 8);
+    ((acc[R][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + R * kp + i), w0, acc[R][0]),
+      acc[R][1] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + R * kp + i), w1, acc[R][1])), ...);
+  }
+  __m256 sums[ROWS][2];  // store8 indexes its sums by loop counters: acc itself would then live in memory
+  ((sums[R][0] = acc[R][0], sums[R][1] = acc[R][1]), ...);
+  store8<ROWS, 2>(sums, start, n, bias, out);
+}
+
+template <int ROWS>
+void strip_rows(const float* x, int64_t kp, const float* strip, int64_t start, int64_t n, const float* bias,
+                at::BFloat16* out) {
+  strip_rows_avx2<ROWS>(x, kp, strip, start, n, bias, out, std::make_index_sequence<ROWS>{});
+}
+
+bool bf16_matmul_available() { return has_avx2_fma(); }
+
+// x [m, k] bfloat16, any m; the packed bfloat16 weight; bias [n] float32 or none. Returns [m, n] bfloat16.
+at::Tensor bf16_matmul(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t n) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16 &&
+                  packed.scalar_type() == at::kBFloat16,
+              "bf16_matmul: x [m, k] and the packed weight bfloat16 on the CPU");
+  TORCH_CHECK(bf16_matmul_available(), "bf16_matmul: this CPU lacks AVX2 with FMA");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(1) == (x.size(1) + 1) / 2,
+              "bf16_matmul: a weight packed by gemv_pack with k = ", x.size(1));
+  TORCH_CHECK(n > (packed.size(0) - 1) * UNIT && n <= packed.size(0) * UNIT, "bf16_matmul: n = ", n,
+              " does not fit the packed blocks");
+  const int64_t m = x.size(0), k = x.size(1), kp = packed.size(1) * 2;
+  auto x32 = at::zeros({m, kp}, x.options().dtype(at::kFloat));  // widened once; k padded to the pairs
+  x32.slice(1, 0, k).copy_(x);
+  at::Tensor bc;
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n, "bf16_matmul: a bias of n values");
+    bc = bias->to(at::kFloat).contiguous();
+    b = bc.const_data_ptr<float>();
+  }
+  auto out = at::empty({m, n}, x.options());
+  const float* xs = x32.const_data_ptr<float>();
+  const auto* w = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>());
+  auto* y = out.mutable_data_ptr<at::BFloat16>();
+  const int64_t strips = (n + STRIP - 1) / STRIP, per_unit = UNIT / STRIP;
+  at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> strip(kp * STRIP);
+    for (int64_t s = begin; s < end; ++s) {
+      widen_strip(w + (s / per_unit) * packed.stride(0) + (s % per_unit) * STRIP * 2, kp / 2, strip.data());
+      for (int64_t r = 0; r < m; r += TILE_ROWS) {
+        const float* xr = xs + r * kp;
+        at::BFloat16* yr = y + r * n;
+        switch (std::min<int64_t>(m - r, TILE_ROWS)) {
+          case 1: strip_rows<1>(xr, kp, strip.data(), s * STRIP, n, b, yr); break;
+          case 2: strip_rows<2>(xr, kp, strip.data(), s * STRIP, n, b, yr); break;
+          case 3: strip_rows<3>(xr, kp, strip.data(), s * STRIP, n, b, yr); break;
+          case 4: strip_rows<4>(xr, kp, strip.data(), s * STRIP, n, b, yr); break;
+          case 5: strip_rows<5>(xr, kp, strip.data(), s * STRIP, n, b, yr); break;
+          default: strip_rows<6>(xr, kp, strip.data(), s * STRIP, n, b, yr); break;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tessera, m) {
@@ -356,4 +453,7 @@ TORCH_LIBRARY_FRAGMENT(tessera, m) {
   m.def("gemv_isa(ScalarType dtype) -> str", &gemv_isa);
   m.impl("gemv_pack", c10::DispatchKey::CPU, TORCH_FN(gemv_pack));
   m.impl("gemv", c10::DispatchKey::CPU, TORCH_FN(gemv));
+  m.def("bf16_matmul(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor");
+  m.def("bf16_matmul_available() -> bool", &bf16_matmul_available);
+  m.impl("bf16_matmul", c10::DispatchKey::CPU, TORCH_FN(bf16_matmul));
 }

@@ -13,7 +13,8 @@ from tessera.worker.attention.torch_backend import TorchAttentionBackend
 from tessera.worker.checkpoint import load_model
 from tessera.worker.models.fused_ops import native_decode_layers
 from tessera.worker.models import packed_linear
-from tessera.worker.models.packed_linear import GEMV_ROWS, PackedLinear, onednn_available, pack_linear_layers, use_gemv
+from tessera.worker.models.packed_linear import (GEMV_ROWS, PackedLinear, batch_matmul, onednn_available,
+                                                 pack_linear_layers, use_gemv)
 from tessera.worker.models.rope import RotaryEmbedding, apply_rotary
 
 decode_ops = paged_attention_cpu.load("decode_ops")
@@ -149,24 +150,60 @@ def test_a_packed_layer_with_a_gemv_copy_gives_onednns_results_at_every_row_coun
         torch.testing.assert_close(with_copy(x), F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.skipif(not gemv_runs(torch.bfloat16), reason="the native GEMV needs AVX2 and a C++ compiler")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_layer_with_only_the_gemv_copy_runs_larger_batches_on_aten(dtype):
-    """Where oneDNN cannot pack bf16 (no AVX-512), the GEMV copy serves decodes and PyTorch's matmul the rest."""
-    weight, bias = torch.randn(96, 40).to(dtype), torch.randn(96).to(dtype)
-    layer = PackedLinear(weight, bias, gemv=True, onednn=False)
-    assert layer.packed_weight is None and layer.gemv_weight is not None
+def bf16_matmul_runs() -> bool:
+    return gemv is not None and torch.ops.tessera.bf16_matmul_available()
+
+
+@pytest.mark.skipif(not bf16_matmul_runs(), reason="the native bf16 matmul needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("m, n, k", [(1, 16, 2), (3, 70, 33), (4, 64, 64), (5, 100, 40), (9, 17, 7), (64, 200, 130),
+                                     (130, 64, 512)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_bf16_matmul_gives_float32_sums_rounded_to_bf16_at_any_row_count(m, n, k, with_bias):
+    """Every tile of rows (4, and the 1-3 left over), strips cut by n, odd k padded: the float64 result rounded
+    to bf16, or the bf16 next to it where the float32 sums' own error crosses a rounding boundary."""
+    torch.manual_seed(m * 1000 + n + k)
+    weight, x = torch.randn(n, k).bfloat16(), torch.randn(m, k).bfloat16()
+    bias = torch.randn(n) if with_bias else None
+    got = torch.ops.tessera.bf16_matmul(x, torch.ops.tessera.gemv_pack(weight), bias, n)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    exact = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
+    scale = (x.double().abs() @ weight.double().abs().T).max()  # what the float32 sums' rounding scales with
+    torch.testing.assert_close(got.double(), exact.bfloat16().double(), rtol=2 ** -7, atol=1e-6 * scale.item())
+
+
+@pytest.mark.skipif(not bf16_matmul_runs(), reason="the native bf16 matmul needs AVX2 and a C++ compiler")
+def test_the_bf16_matmul_rejects_what_it_cannot_run():
+    packed = torch.ops.tessera.gemv_pack(torch.randn(40, 24).bfloat16())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.tessera.bf16_matmul(torch.randn(8, 24), packed, None, 40)
+    with pytest.raises(RuntimeError, match="k = 26"):
+        torch.ops.tessera.bf16_matmul(torch.randn(8, 26).bfloat16(), packed, None, 40)
+    with pytest.raises(RuntimeError, match="n = 70 does not fit"):
+        torch.ops.tessera.bf16_matmul(torch.randn(8, 24).bfloat16(), packed, None, 70)
+    with pytest.raises(RuntimeError, match="a bias of n values"):
+        torch.ops.tessera.bf16_matmul(torch.randn(8, 24).bfloat16(), packed, torch.randn(39), 40)
+
+
+@pytest.mark.skipif(not bf16_matmul_runs(), reason="the native bf16 matmul needs AVX2 and a C++ compiler")
+def test_a_layer_with_native_batches_keeps_one_copy_and_runs_every_row_count():
+    """Where oneDNN cannot run bf16 (no AVX-512): the GEMV up to GEMV_ROWS rows, the bf16 matmul above, both on
+    the one packed weight."""
+    weight, bias = torch.randn(96, 40).bfloat16(), torch.randn(96).bfloat16()
+    layer = PackedLinear(weight, bias, batches="native")
+    assert layer.packed_weight is None and layer.gemv_weight is not None and not hasattr(layer, "weight")
     for rows in (1, 4, 5, 64):
-        x = torch.randn(rows, 40).to(dtype)
+        x = torch.randn(rows, 40).bfloat16()
         expected = F.linear(x.double(), weight.double(), bias.double())
-        torch.testing.assert_close(layer(x).double(), expected, atol=1e-4 if dtype == torch.float32 else 0.1,
-                                   rtol=1e-5 if dtype == torch.float32 else 1e-2)
+        torch.testing.assert_close(layer(x).double(), expected, atol=0.1, rtol=1e-2)
+    with pytest.raises(ValueError, match="bf16 only"):
+        PackedLinear(torch.randn(96, 40), None, batches="native")
 
 
 @pytest.mark.skipif(not gemv_runs(torch.bfloat16), reason="the native GEMV needs AVX2 and a C++ compiler")
 def test_a_bf16_worker_without_onednns_bf16_keeps_the_native_decode_layers(monkeypatch, tmp_path_factory, caplog):
-    """A bf16 model on a CPU where oneDNN cannot pack bf16 (AVX2 only: it raised at load before): aten matmuls
-    for prefill and large batches, and for decodes of 1-4 requests the GEMV copy and the native layers."""
+    """A bf16 model on a CPU where oneDNN cannot run bf16 (AVX2 only: it raised at load before): the native bf16
+    matmul for prefill and large batches, and for decodes of 1-4 requests the GEMV and the native layers, all on
+    one packed copy of the weights; against PyTorch's own bf16 model."""
     from tessera.engine.engine import EngineConfig, LLMEngine
     from tessera.engine.request import SamplingParams
 
@@ -175,9 +212,10 @@ def test_a_bf16_worker_without_onednns_bf16_keeps_the_native_decode_layers(monke
     with caplog.at_level("INFO", logger="tessera.worker"):
         engine = LLMEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="bfloat16", num_kv_blocks=64))
     worker = engine.worker
-    assert worker.cpu_matmul == "aten" and "oneDNN cannot pack torch.bfloat16" in caplog.text
+    assert worker.cpu_matmul == "native" and "native bf16 matmuls" in caplog.text
     layers = [m for m in worker.model.modules() if isinstance(m, PackedLinear)]
-    assert layers and all(m.packed_weight is None and m.gemv_weight is not None for m in layers)
+    assert layers and all(m.batches == "native" and m.packed_weight is None and m.gemv_weight is not None
+                          for m in layers)
     assert worker.model.native_layers is not None
     reference = LLMEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="bfloat16", num_kv_blocks=64,
                                        cpu_matmul="aten"))
@@ -219,8 +257,8 @@ def test_a_model_on_the_native_kernels_gives_the_pytorch_models_logits(preset, d
     native, _ = load_model(path, native_backend, dtype=dtype)
     assert pure.fused is None and native.fused is not None and native.fused.name == "native"
     assert native_decode_layers(native) is None  # not before the projections hold GEMV copies
-    if gemv_runs(getattr(torch, dtype)):  # oneDNN for larger batches where it packs this dtype, else aten
-        pack_linear_layers(native, gemv=True, onednn=onednn_available(getattr(torch, dtype)))
+    if gemv_runs(getattr(torch, dtype)):  # oneDNN for larger batches where it runs this dtype, else native bf16
+        pack_linear_layers(native, gemv=True, batches=batch_matmul(getattr(torch, dtype)))
         assert all(m.gemv_weight is not None for m in native.modules() if isinstance(m, PackedLinear))
         native.native_layers = native_decode_layers(native)
         assert (native.native_layers is None) == config.qk_norm
@@ -362,7 +400,7 @@ def test_an_int8_kv_cache_gets_the_same_rows_and_logits_from_the_native_layer_as
     pure_backend, native_backend = TorchAttentionBackend(native_decode=False), TorchAttentionBackend()
     pure, config = load_model(path, pure_backend, dtype=dtype)
     native, _ = load_model(path, native_backend, dtype=dtype)
-    pack_linear_layers(native, gemv=True, onednn=onednn_available(getattr(torch, dtype)))
+    pack_linear_layers(native, gemv=True, batches=batch_matmul(getattr(torch, dtype)))
     native.native_layers = native_decode_layers(native)
     assert native.native_layers is not None
 

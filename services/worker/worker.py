@@ -24,7 +24,8 @@ from tessera.worker.host_allocator import keep_large_allocations_in_heap
 from tessera.model_config import ModelConfig
 from tessera.worker.models.int8_linear import QUANTIZATIONS, quantize_linear_layers
 from tessera.worker.models.fused_ops import native_decode_layers
-from tessera.worker.models.packed_linear import GEMV_ROWS, pack_linear_layers, resolve_cpu_matmul, use_gemv
+from tessera.worker.models.packed_linear import (GEMV_ROWS, native_bf16_batches, pack_linear_layers, resolve_cpu_matmul,
+                                                 use_gemv)
 from tessera.worker.sampler import Sampler, SamplingRow, top_logprobs
 from tessera.worker.tensor_parallel import SINGLE, TensorParallel
 from tessera.sampling_params import InvalidParam, SamplingParams
@@ -97,10 +98,11 @@ class Worker:
             log.info("oneDNN matmuls: %d linear layers packed%s", pack_linear_layers(self.model, gemv),
                      f"; up to {GEMV_ROWS} rows on the native GEMV's copy" if gemv else "")
         elif self.cpu_matmul == "aten" and config.cpu_matmul == "auto" and self.device.type == "cpu" \
-                and use_gemv(self.model, "auto"):
-            # oneDNN cannot pack this dtype here (bf16 without AVX-512): PyTorch's matmul, but the GEMV for decodes
-            log.info("aten matmuls (oneDNN cannot pack %s on this CPU); up to %d rows on the native GEMV's copy of "
-                     "%d linear layers", mc.dtype, GEMV_ROWS, pack_linear_layers(self.model, True, onednn=False))
+                and native_bf16_batches(mc.dtype):
+            # oneDNN cannot run bf16 here (no AVX-512): the native kernels, every batch size on one packed copy
+            self.cpu_matmul = "native"
+            log.info("native bf16 matmuls (oneDNN cannot run bf16 on this CPU): %d linear layers packed",
+                     pack_linear_layers(self.model, batches="native"))
         if self.device.type == "cpu" and hasattr(self.model, "native_layers"):
             self.model.native_layers = native_decode_layers(self.model)
             if self.model.native_layers is not None:

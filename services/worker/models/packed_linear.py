@@ -15,6 +15,10 @@ kernels stream them at about half the memory bandwidth (measured: bf16 ~11-14 GB
 kernel, 2-core EPYC). The copy doubles the linear layers' memory, so it is made only where the CPU runs the
 kernel and the weights take at most a quarter of the memory available at load, a container's limit included
 (`--cpu-matmul onednn`: never).
+
+Where oneDNN cannot run bf16 (CPUs without AVX-512), a bf16 model's layers keep only that packed copy and
+every batch size runs on the native kernels (batches="native": the GEMV up to GEMV_ROWS rows, bf16_matmul
+above), as PyTorch's own bf16 matmul there ran 3-4x slower than the native kernel.
 """
 from __future__ import annotations
 
@@ -47,27 +51,49 @@ def padded_rows(rows: int) -> int:
     return rows if rows <= 128 else -(-rows // 16) * 16
 
 
-class PackedLinear(nn.Module):
-    """y = x W^T + b with W held in oneDNN's layout (or as it is, for aten); x is [tokens, in_features]."""
+def native_bf16_batches(dtype: torch.dtype) -> bool:
+    """Whether bf16 batches take the native kernel on the GEMV's packed weight (kernels/dense_gemv_cpu.cpp,
+    bf16_matmul): where oneDNN cannot run bf16 and the CPU has AVX2 with FMA."""
+    from tessera.kernels import paged_attention_cpu
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool = False, onednn: bool = True):
-        """gemv: also keep the weight packed for the native GEMV kernel (loaded by the caller). onednn=False:
-        more rows than the GEMV takes go to PyTorch's own matmul (a bf16 model where oneDNN cannot pack bf16)."""
+    return (dtype == torch.bfloat16 and not onednn_available(dtype)
+            and paged_attention_cpu.load("dense_gemv") is not None and torch.ops.tessera.bf16_matmul_available())
+
+
+def batch_matmul(dtype: torch.dtype) -> str:
+    """What the worker's --cpu-matmul auto runs batches of dtype on here: onednn, native (PackedLinear's two
+    kinds) or aten (PyTorch's own matmul, no PackedLinear)."""
+    return "onednn" if onednn_available(dtype) else "native" if native_bf16_batches(dtype) else "aten"
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W held in oneDNN's layout (or only in the native kernels' one); x is [tokens, in_features]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool = False, batches: str = "onednn"):
+        """gemv: also keep the weight packed for the native GEMV kernel (loaded by the caller). batches: what
+        takes more rows than the GEMV: onednn, or native (bf16 only: the native kernel on the GEMV's packed
+        weight, which is then the layer's one copy; batch_matmul says where)."""
         super().__init__()
+        if batches not in ("onednn", "native"):
+            raise ValueError(f"batches must be onednn or native, got {batches!r}")
+        if batches == "native" and weight.dtype != torch.bfloat16:
+            raise ValueError(f"native batches are bf16 only, got {weight.dtype}")
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         # The batch-size hint only picks the initial blocking; every batch size runs on the same packed weight.
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64) if onednn else None
-        self.weight = None if onednn else weight.detach()
+        self.packed_weight = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64) if batches == "onednn"
+                              else None)
         self.bias = None if bias is None else bias.detach().clone()
+        gemv = gemv or batches == "native"
         self.gemv_weight = torch.ops.tessera.gemv_pack(weight.detach()) if gemv else None
         self.gemv_bias = None if bias is None or not gemv else bias.detach().float().clone()
+        self.batches = batches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         if rows <= GEMV_ROWS and self.gemv_weight is not None:
             return torch.ops.tessera.gemv(x, self.gemv_weight, self.gemv_bias, self.out_features)
-        if self.packed_weight is None:
-            return F.linear(x, self.weight, self.bias)
+        if self.batches == "native":
+            return torch.ops.tessera.bf16_matmul(x.contiguous(), self.gemv_weight, self.gemv_bias, self.out_features)
         padded = padded_rows(rows)
         if padded != rows:
             x = F.pad(x, (0, 0, 0, padded - rows))
@@ -76,7 +102,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"onednn={self.packed_weight is not None}, gemv={self.gemv_weight is not None}")
+                f"batches={self.batches}, gemv={self.gemv_weight is not None}")
 
 
 def resolve_cpu_matmul(choice: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -162,9 +188,8 @@ def use_gemv(model: nn.Module, choice: str) -> bool:
     return True
 
 
-def pack_linear_layers(model: nn.Module, gemv: bool = False, onednn: bool = True) -> int:
+def pack_linear_layers(model: nn.Module, gemv: bool = False, batches: str = "onednn") -> int:
     """Replaces the model's nn.Linear layers and its LM head with PackedLinear; returns how many were packed.
-    gemv: each also keeps a copy for the native GEMV kernel (use_gemv decides); onednn=False: only that copy,
-    larger batches on aten."""
+    gemv: each also keeps a copy for the native GEMV kernel (use_gemv decides); batches: as PackedLinear."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", PRIMITIVE_CACHE_CAPACITY)
-    return replace_linear_layers(model, lambda weight, bias: PackedLinear(weight, bias, gemv, onednn))
+    return replace_linear_layers(model, lambda weight, bias: PackedLinear(weight, bias, gemv, batches))
