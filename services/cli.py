@@ -42,7 +42,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="CPU linear layers: oneDNN with pre-packed weights, or PyTorch's default (aten); "
                              "auto: oneDNN where it runs (float32/bfloat16), and decode steps of 1-4 requests on "
                              "a native GEMV's copy of the weights when it fits in a quarter of free memory "
-                             "(onednn: one copy, oneDNN's)")
+                             "(onednn: one copy, oneDNN's); bf16 where oneDNN cannot run it (no AVX-512): every "
+                             "batch size on the native kernels' one packed copy")
     parser.add_argument("--quantization", default=None, choices=["int8"],
                         help="CPU: int8 linear layers (weights per channel at load, activations per token; oneDNN's "
                              "int8 GEMM), about a quarter of float32's weight bytes")
