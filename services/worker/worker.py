@@ -44,7 +44,9 @@ class WorkerConfig:
     kv_cache_memory: int = 1 << 30  # bytes of KV tensors; the block count follows from it
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use few blocks to force preemption)
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
-    cpu_matmul: str = "auto"  # CPU linear layers: onednn (pre-packed weights) or aten; auto: onednn where it runs, native bf16 where oneDNN cannot run bf16
+    # CPU linear layers: onednn (pre-packed weights) or aten; auto: onednn where it runs, native bf16 where oneDNN
+    # cannot run bf16
+    cpu_matmul: str = "auto"
     quantization: str | None = None  # CPU: "int8" linear layers (models/int8_linear.py)
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; int8: per-row scales (attention/int8_kv.py), CPU only
     tensor_parallel_size: int = 1  # ranks sharing the model (tensor_parallel.py); this one is $RANK
