@@ -166,3 +166,25 @@ def test_a_remote_tpu_worker_is_refused_clearly(monkeypatch):
 
     with pytest.raises(SystemExit, match="use `tessera engine --device tpu`"):
         cli.main(["worker", "--device", "tpu", "--model", str(DEMO)])
+
+
+PROBE = """
+import os, sys
+from tessera import cli
+cli.COMMANDS[sys.argv[1]] = lambda args: print(os.environ.get("GOMP_SPINCOUNT"), "torch" in sys.modules)
+cli.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("role, env, expected", [("engine", {}, "30000 False"), ("worker", {}, "30000 False"),
+                                                 ("up", {}, "30000 False"),
+                                                 ("engine", {"GOMP_SPINCOUNT": "5"}, "5 False"),
+                                                 ("health", {}, "None False")])
+def test_the_serving_roles_shorten_openmps_spin_before_torch_loads_it(role, env, expected, monkeypatch):
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads it: the CLI sets it (unless set) before any torch
+    import, for the roles that compute (and `up`, whose children inherit it); clients leave it alone."""
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = subprocess.run([sys.executable, "-c", PROBE, role], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == expected
