@@ -157,9 +157,11 @@ def gguf_models(model_dir: Path, outtypes) -> dict[str, Path]:
     for outtype in stale:
         print(f"converting {model_dir} to GGUF {outtype}", flush=True)
         partial = paths[outtype].with_suffix(".partial")
-        result = subprocess.run([sys.executable, "-c", CONVERT, str(llamacpp_source()), str(model_dir),
-                                 "--outtype", outtype, "--outfile", str(partial)],
-                                capture_output=True, text=True, check=False)
+        # cwd outside the clone: `python -c` puts it first on sys.path, where this repository's kernels/ would
+        # shadow the `kernels` package transformers imports.
+        result = subprocess.run([sys.executable, "-c", CONVERT, str(llamacpp_source()), str(model_dir.resolve()),
+                                 "--outtype", outtype, "--outfile", str(partial.resolve())],
+                                capture_output=True, text=True, check=False, cwd=out)
         if result.returncode != 0:
             sys.exit(f"convert_hf_to_gguf.py failed ({outtype}):\n{result.stderr[-4000:]}")
         partial.rename(paths[outtype])  # only a complete file counts as cached
