@@ -31,7 +31,7 @@ namespace {
 constexpr int64_t LANES = 16;    // outputs per 512-bit vector of float32 sums
 constexpr int64_t UNIT = 64;     // outputs per packed unit: four vectors, one 256-byte row of the unit per k
 constexpr int64_t MAX_ROWS = 4;  // rows of x per call: 4 x 4 accumulators stay in registers
-constexpr int64_t PREFETCH = 2048;  // bytes ahead in the stream: eight steps of k
+constexpr int64_t PREFETCH = 8192;  // bytes ahead in the stream: 32 steps of k
 
 // TESSERA_GEMV=avx2 takes the AVX2 path on an AVX-512 CPU too (the tests check it there).
 bool avx2_forced() {
@@ -79,10 +79,12 @@ __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline void stor
   }
 }
 
-// Prefetches the four cache lines PREFETCH bytes past step (256 bytes) p.
+// Prefetches the four cache lines PREFETCH bytes past step (256 bytes) p, into L2: prefetches into L1 are held
+// up by its few miss buffers (33 GEMVs of a bf16 token on the 2-core Zen 4: 24 GB/s with L1 hints 2 KB ahead,
+// 29-34 GB/s with L2 hints 8 KB ahead, alternating in one process).
 inline void prefetch_step(const void* step) {
   const char* ahead = static_cast<const char*>(step) + PREFETCH;
-  for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+  for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
 }
 
 template <int ROWS>

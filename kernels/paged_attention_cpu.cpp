@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -94,8 +95,8 @@ void attend_request(T* out, const T* q, const C* keys, const C* values, const in
 
 // The same with AVX-512 for head_dim = 16 * NV (64 and 128: NV = 4, 8), float32 or bfloat16: query heads in
 // pairs where they share a KV head, their queries (then outputs) in registers for the whole context, so the value
-// sums never go through memory and each key and value row is converted once for the pair; one horizontal sum
-// per score.
+// sums never go through memory and each key and value row is converted once for the pair; the scores of 16
+// (head, token) dots come out of one transposing reduction, not a horizontal sum each.
 __attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 __attribute__((target("avx512f"))) inline __m512 load16(const c10::BFloat16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -105,31 +106,104 @@ __attribute__((target("avx512f"))) inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
+// A cache row of 16 * NV elements as NV float vectors, in the kernel's lane order: natural for float32 and int8
+// rows; bfloat16 rows as the (even, odd) elements of each 32-element chunk, two vectors from one load by a shift
+// and a mask (a bfloat16 is a float's high half) instead of a widening load per 16. A dot product does not care
+// about the order as long as both sides share it: the queries are loaded the same way and the value sums are put
+// back in order at the end (natural_order).
+template <typename C, int NV>
+__attribute__((target("avx512f"))) inline void load_row(const C* p, __m512* v) {
+  if constexpr (std::is_same_v<C, c10::BFloat16>) {
+    static_assert(NV % 2 == 0, "bfloat16 rows load 32 elements at a time");
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int j = 0; j < NV / 2; ++j) {
+      const __m512i bits = _mm512_loadu_si512(reinterpret_cast<const void*>(p + 32 * j));
+      v[2 * j] = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+      v[2 * j + 1] = _mm512_castsi512_ps(_mm512_and_si512(bits, high));
+    }
+  } else {
+    for (int j = 0; j < NV; ++j) v[j] = load16(p + 16 * j);
+  }
+}
+
+// Element d of a row of 16 * NV in load_row<C>'s lane order sits at natural_index<C>(d).
+template <typename C>
+inline int64_t natural_index(int64_t lane) {
+  if constexpr (std::is_same_v<C, c10::BFloat16>) {
+    const int64_t chunk = lane / 32, within = lane % 32;  // within < 16: the even elements
+    return 32 * chunk + (within < 16 ? 2 * within : 2 * (within - 16) + 1);
+  } else {
+    return lane;
+  }
+}
+
+// Lane i of the result = the sum of v[i]'s 16 lanes: four rounds of pairwise shuffles and adds (45 instructions
+// for 16 sums where 16 horizontal sums take ~150).
+__attribute__((target("avx512f"))) inline __m512 sum_each16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // each 128-bit lane: v[2i] and v[2i+1] folded to two partial sums each
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // each 128-bit lane: v[4i..4i+3]'s sums over that lane
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes added in pairs
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // Scores of P query heads (1 or 2) that share a KV head, from head h, against the tokens [t0, t1) of one block
-// (k: the block's row of that KV head for token 0): each key row is loaded and converted once for all P.
+// (k: the block's row of that KV head for token 0), 16 / P tokens at a time: each key row is loaded and converted
+// once for all P, and the chunk's 16 dots are summed together (sum_each16).
 template <typename T, typename C, int NV, int P>
 __attribute__((target("avx512f"))) inline void score_block(const T* q, const C* k, int64_t t0, int64_t t1,
                                                            int64_t slot_stride, float scale, float* s,
                                                            int64_t length) {
   constexpr int64_t D = 16 * NV;
+  constexpr int TOKENS = 16 / P;
   __m512 qv[P][NV];
-  for (int p = 0; p < P; ++p)
-    for (int j = 0; j < NV; ++j) qv[p][j] = _mm512_mul_ps(load16(q + p * D + 16 * j), _mm512_set1_ps(scale));
-  for (int64_t t = t0; t < t1; ++t) {
-    const C* kt = k + t * slot_stride;
-    __m512 dot[P];
-    for (int p = 0; p < P; ++p) dot[p] = _mm512_setzero_ps();
-    for (int j = 0; j < NV; ++j) {
-      const __m512 kv = load16(kt + 16 * j);
-      for (int p = 0; p < P; ++p) dot[p] = _mm512_fmadd_ps(qv[p][j], kv, dot[p]);
+  for (int p = 0; p < P; ++p) {
+    if constexpr (std::is_same_v<C, c10::BFloat16>) {
+      load_row<C, NV>(q + p * D, qv[p]);  // the cache's lane order (C is T here)
+    } else {
+      for (int j = 0; j < NV; ++j) qv[p][j] = load16(q + p * D + 16 * j);
     }
-    const float row = row_scale(kt, D);
-    for (int p = 0; p < P; ++p) s[p * length + t - t0] = _mm512_reduce_add_ps(dot[p]) * row;
+    for (int j = 0; j < NV; ++j) qv[p][j] = _mm512_mul_ps(qv[p][j], _mm512_set1_ps(scale));
+  }
+  for (int64_t t = t0; t < t1; t += TOKENS) {
+    const int count = static_cast<int>(std::min<int64_t>(TOKENS, t1 - t));
+    __m512 dot[16];
+    alignas(64) float rows[16];  // the int8 rows' scales, in dot order
+    for (int i = 0; i < 16; ++i) dot[i] = _mm512_setzero_ps();
+    for (int u = 0; u < TOKENS; ++u) {
+      if (u >= count) break;
+      const C* kt = k + (t + u) * slot_stride;
+      __m512 kv[NV];
+      load_row<C, NV>(kt, kv);
+      for (int j = 0; j < NV; ++j)
+        for (int p = 0; p < P; ++p) dot[p * TOKENS + u] = _mm512_fmadd_ps(qv[p][j], kv[j], dot[p * TOKENS + u]);
+      if constexpr (std::is_same_v<C, int8_t>)
+        for (int p = 0; p < P; ++p) rows[p * TOKENS + u] = row_scale(kt, D);
+    }
+    __m512 sums = sum_each16(dot);
+    if constexpr (std::is_same_v<C, int8_t>) {
+      for (int i = 0; i < 16; ++i)
+        if (i % TOKENS >= count) rows[i] = 0.f;  // lanes of no token: never stored
+      sums = _mm512_mul_ps(sums, _mm512_load_ps(rows));
+    }
+    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
+    for (int p = 0; p < P; ++p) {  // head p's scores are lanes [p * TOKENS, p * TOKENS + count)
+      const __m512 lanes = p == 0 ? sums : _mm512_castsi512_ps(_mm512_alignr_epi32(
+                                                _mm512_castps_si512(sums), _mm512_castps_si512(sums), TOKENS));
+      _mm512_mask_storeu_ps(s + p * length + t - t0, valid, lanes);
+    }
   }
 }
 
-// acc (P heads x D floats, in memory) += the tokens [t0, t1) of one block's values weighted by their
-// probabilities s (P rows, `length` apart): the P accumulators stay in registers for the block.
+// acc (P heads x D floats, in memory, in load_row<C>'s lane order) += the tokens [t0, t1) of one block's values
+// weighted by their probabilities s (P rows, `length` apart): the P accumulators stay in registers for the block.
 template <typename C, int NV, int P>
 __attribute__((target("avx512f"))) inline void accumulate_block(float* acc, const C* v, int64_t t0, int64_t t1,
                                                                 int64_t slot_stride, const float* s,
@@ -143,24 +217,49 @@ __attribute__((target("avx512f"))) inline void accumulate_block(float* acc, cons
     const float row = row_scale(vt, D);
     __m512 weight[P];
     for (int p = 0; p < P; ++p) weight[p] = _mm512_set1_ps(s[p * length + t - t0] * row);
-    for (int j = 0; j < NV; ++j) {
-      const __m512 vv = load16(vt + 16 * j);
-      for (int p = 0; p < P; ++p) a[p][j] = _mm512_fmadd_ps(weight[p], vv, a[p][j]);
-    }
+    __m512 vv[NV];
+    load_row<C, NV>(vt, vv);
+    for (int j = 0; j < NV; ++j)
+      for (int p = 0; p < P; ++p) a[p][j] = _mm512_fmadd_ps(weight[p], vv[j], a[p][j]);
   }
   for (int p = 0; p < P; ++p)
     for (int j = 0; j < NV; ++j) _mm512_storeu_ps(acc + p * D + 16 * j, a[p][j]);
 }
 
-// Asks for the rows of tokens [t0, t1) of a block (all KV heads: `row` elements each) ahead of their use.
+// Asks for the rows of tokens [t0, t1) of a block (all KV heads: `row` elements each) ahead of their use, into
+// L2: with L1 hints the few L1 miss buffers held the scattered blocks' reads to 11-15 GB/s (64 decodes of 260
+// tokens, bf16, cold, 2-core Zen 4), with L2 hints 18-24 GB/s.
 template <typename T>
 inline void prefetch_rows(const T* block, int64_t t0, int64_t t1, int64_t slot_stride, int64_t row) {
   for (int64_t t = t0; t < t1; ++t)
     for (int64_t e = 0; e < row; e += 64 / sizeof(T))
-      _mm_prefetch(reinterpret_cast<const char*>(block + t * slot_stride + e), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(block + t * slot_stride + e), _MM_HINT_T1);
 }
 
-constexpr int64_t kBlocksAhead = 2;  // how far ahead blocks are prefetched (1-3 measured alike)
+// s[i] = exp(s[i] - max(s)) for i < count, in vectors (a scalar max and sum are each a dependent chain of `count`
+// operations); returns the sum.
+__attribute__((target("avx512f"))) inline float exp_less_max(float* s, int64_t count) {
+  const __mmask16 tail = static_cast<__mmask16>((1u << (count % 16)) - 1);
+  const int64_t whole = count - count % 16;
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < whole; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + i));
+  if (tail) m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, s + whole));
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < whole; i += 16) {
+    const __m512 e = tessera_vec::exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), top));
+    _mm512_storeu_ps(s + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (tail) {
+    const __m512 e = tessera_vec::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + whole), top));
+    _mm512_mask_storeu_ps(s + whole, tail, e);
+    sum = _mm512_mask_add_ps(sum, tail, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+constexpr int64_t kBlocksAhead = 2;  // how far ahead blocks are prefetched (1-3 measured alike, 4-6 slower)
 
 // One request with AVX-512, block by block: a block holds each of its tokens' keys (then values) for every KV
 // head as one contiguous row, so visiting every head within a block reads it once, front to back, while a block
@@ -171,7 +270,7 @@ template <typename T, typename C, int NV, int P>
 __attribute__((target("avx512f"))) void attend_blocks_avx512(
     T* out, const T* q, const C* keys, const C* values, const int32_t* block_table, int64_t first, int64_t seq_len,
     int64_t heads, int64_t group, int64_t block_size, int64_t block_stride, int64_t slot_stride,
-    int64_t head_stride, float scale, float* s, float* acc) {
+    int64_t head_stride, float scale, float* s, float* acc, float* sums) {
   constexpr int64_t D = 16 * NV;
   const int64_t length = seq_len - first, row = (heads / group) * head_stride;
   const int64_t b0 = first / block_size, b1 = (seq_len + block_size - 1) / block_size;
@@ -205,22 +304,14 @@ __attribute__((target("avx512f"))) void attend_blocks_avx512(
       }
     }
     if (pass == 1) break;
-    for (int64_t h = 0; h < heads; ++h) {  // softmax, with the normalization left to the end
-      float* sh = s + h * length;
-      const float m = *std::max_element(sh, sh + length);
-      for (int64_t t = 0; t < length; ++t) sh[t] -= m;
-      tessera_vec::exp_avx512(sh, sh, length);
-    }
+    for (int64_t h = 0; h < heads; ++h) sums[h] = exp_less_max(s + h * length, length);  // normalized at the end
     std::fill(acc, acc + heads * D, 0.f);
   }
   alignas(64) float lane[D];
   for (int64_t h = 0; h < heads; ++h) {
-    const float* sh = s + h * length;
-    float sum = 0.f;
-    for (int64_t t = 0; t < length; ++t) sum += sh[t];
-    const __m512 inv = _mm512_set1_ps(1.f / sum);
+    const __m512 inv = _mm512_set1_ps(1.f / sums[h]);
     for (int j = 0; j < NV; ++j) _mm512_store_ps(lane + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(acc + h * D + 16 * j), inv));
-    for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<T>(lane[d]);
+    for (int64_t d = 0; d < D; ++d) out[h * D + natural_index<C>(d)] = static_cast<T>(lane[d]);
   }
 }
 
@@ -231,10 +322,10 @@ void attend_request_avx512(T* out, const T* q, const C* keys, const C* values, c
                            std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t first = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
   scores.resize(heads * (seq_len - first));
-  acc.resize(heads * 16 * NV);
+  acc.resize(heads * (16 * NV + 1));  // the value sums, then each head's softmax denominator
   const auto call = group % 2 == 0 ? attend_blocks_avx512<T, C, NV, 2> : attend_blocks_avx512<T, C, NV, 1>;
   call(out, q, keys, values, block_table, first, seq_len, heads, group, block_size, block_stride, slot_stride,
-       head_stride, scale, scores.data(), acc.data());
+       head_stride, scale, scores.data(), acc.data(), acc.data() + heads * 16 * NV);
 }
 
 // Whether attend_request_avx512 serves this query dtype and head size on this CPU.
