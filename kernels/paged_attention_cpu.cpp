@@ -356,16 +356,16 @@ void attend_all(const at::Tensor& q, const at::Tensor& key_cache, const at::Tens
     std::vector<float> scores, query, acc;  // per thread, reused across its requests
     for (int64_t lane = begin; lane < end; ++lane) {
       for (int64_t r = lane; r < n; r += lanes) {
-        const int64_t offset = r * heads * head_dim;
+        const int64_t offset = r * heads * head_dim, q_offset = r * q.stride(0);
         if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
           if (vector) {
             const auto call = head_dim == 64 ? attend_request_avx512<T, C, 4> : attend_request_avx512<T, C, 8>;
-            call(out_ptr + offset, q_ptr + offset, k_ptr, v_ptr, table_ptr + r * max_blocks, len_ptr[r], window, heads,
+            call(out_ptr + offset, q_ptr + q_offset, k_ptr, v_ptr, table_ptr + r * max_blocks, len_ptr[r], window, heads,
                  group, block_size, block_stride, slot_stride, head_stride, scale, scores, acc);
             continue;
           }
         }
-        attend_request<T, C>(out_ptr + offset, q_ptr + offset, k_ptr, v_ptr, table_ptr + r * max_blocks, len_ptr[r],
+        attend_request<T, C>(out_ptr + offset, q_ptr + q_offset, k_ptr, v_ptr, table_ptr + r * max_blocks, len_ptr[r],
                              window, heads, group, head_dim, block_size, block_stride, slot_stride, head_stride, scale,
                              scores, query, acc);
       }
@@ -390,7 +390,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
   const bool int8 = key_cache.scalar_type() == at::kChar;
   TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type() && (int8 || q.scalar_type() == key_cache.scalar_type()),
               "paged_decode_attention: the caches must hold q's dtype, or int8");
-  const auto qc = q.contiguous();
+  // Each token's heads must be contiguous, the tokens may be apart: q is usually a view of the qkv projection.
+  const auto qc = q.stride(2) == 1 && q.stride(1) == q.size(2) ? q : q.contiguous();
   const auto tables = block_tables.contiguous();
   const auto lens = seq_lens.contiguous();
   const int64_t n = qc.size(0), heads = qc.size(1), head_dim = qc.size(2), kv_heads = key_cache.size(2);
@@ -398,7 +399,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_cac
                   lens.size(0) == n,
               "paged_decode_attention: inconsistent shapes");
   TORCH_CHECK(!int8 || key_cache.stride(2) % 4 == 0, "paged_decode_attention: int8 rows must keep their scales aligned");
-  auto out = at::empty_like(qc);
+  auto out = at::empty({n, heads, head_dim}, qc.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_decode_attention", [&] {
     if (int8)
       attend_all<scalar_t, int8_t>(qc, key_cache, value_cache, tables, lens, static_cast<float>(scale), window, out);

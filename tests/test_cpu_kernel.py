@@ -89,6 +89,19 @@ def test_cpu_kernel_reads_an_int8_cache_as_the_values_it_stands_for(dtype, layou
                                              lens, scale, window), **TOLERANCE[dtype])
 
 
+@DTYPES
+@pytest.mark.parametrize("head_dim", [32, 64])  # the portable loops, the AVX-512 path
+def test_cpu_kernel_reads_queries_in_place_from_a_wider_projection(dtype, head_dim):
+    # The model hands the kernel q as a view of the qkv projection's output: tokens apart, heads contiguous.
+    q, kv_cache, tables, lens = decode_batch([5, 40, 77], 4, 2, head_dim, 16, dtype, seed=3)
+    qkv = torch.cat([q.flatten(1), torch.randn(3, 2 * 2 * head_dim).to(dtype)], dim=1)
+    view = qkv[:, : 4 * head_dim].view(3, 4, head_dim)
+    assert not view.is_contiguous()
+    ours = op(view, kv_cache[0], kv_cache[1], tables, lens, head_dim**-0.5, 0)
+    assert ours.is_contiguous()
+    assert torch.equal(ours, op(q, kv_cache[0], kv_cache[1], tables, lens, head_dim**-0.5, 0))
+
+
 def test_cpu_kernel_many_threads_and_uneven_lengths_match_one_thread():
     rng = random.Random(4)
     seq_lens = sorted(rng.randint(1, 400) for _ in range(37))
