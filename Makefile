@@ -36,7 +36,9 @@ $(XLA_STAMP): pyproject.toml
 
 test-xla: $(XLA_STAMP)
 	$(TESSERA_XLA_VENV)/bin/pip install -q -e . --no-deps  # the shared venv may point at another clone
-	PJRT_DEVICE=CPU $(TESSERA_XLA_VENV)/bin/python -m pytest -q tests/xla -s
+	# pytest's own script, not `python -m pytest`: that puts the clone on sys.path, where kernels/ shadows the
+	# `kernels` package that transformers (5.25 and later) imports.
+	PJRT_DEVICE=CPU $(TESSERA_XLA_VENV)/bin/pytest -q tests/xla -s
 
 # The compose stack in Docker, end to end (docker/test-compose.sh): needs root; starts dockerd if none runs.
 test-compose: $(STAMP)

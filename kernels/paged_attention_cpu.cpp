@@ -110,7 +110,7 @@ __attribute__((target("avx512f"))) inline __m512 load16(const int8_t* p) {
 // rows; bfloat16 rows as the (even, odd) elements of each 32-element chunk, two vectors from one load by a shift
 // and a mask (a bfloat16 is a float's high half) instead of a widening load per 16. A dot product does not care
 // about the order as long as both sides share it: the queries are loaded the same way and the value sums are put
-// back in order at the end (natural_order).
+// back in order at the end (natural_index).
 template <typename C, int NV>
 __attribute__((target("avx512f"))) inline void load_row(const C* p, __m512* v) {
   if constexpr (std::is_same_v<C, c10::BFloat16>) {
@@ -126,7 +126,7 @@ __attribute__((target("avx512f"))) inline void load_row(const C* p, __m512* v) {
   }
 }
 
-// Element d of a row of 16 * NV in load_row<C>'s lane order sits at natural_index<C>(d).
+// The element of a row that lane `lane` of load_row<C>'s vectors holds (the vectors taken as one array).
 template <typename C>
 inline int64_t natural_index(int64_t lane) {
   if constexpr (std::is_same_v<C, c10::BFloat16>) {
