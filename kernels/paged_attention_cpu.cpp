@@ -348,6 +348,7 @@ void attend_all(const at::Tensor& q, const at::Tensor& key_cache, const at::Tens
   const int32_t* table_ptr = tables.const_data_ptr<int32_t>();
   const int32_t* len_ptr = lens.const_data_ptr<int32_t>();
   const int64_t block_stride = key_cache.stride(0), slot_stride = key_cache.stride(1), head_stride = key_cache.stride(2);
+  const int64_t q_stride = q.stride(0);  // tokens may sit apart (a view of the qkv projection)
   // Requests arrive sorted by context length, so contiguous ranges would load the threads unevenly: each
   // lane takes every lanes-th request instead.
   const int64_t lanes = std::min<int64_t>(at::get_num_threads(), n);
@@ -356,7 +357,7 @@ void attend_all(const at::Tensor& q, const at::Tensor& key_cache, const at::Tens
     std::vector<float> scores, query, acc;  // per thread, reused across its requests
     for (int64_t lane = begin; lane < end; ++lane) {
       for (int64_t r = lane; r < n; r += lanes) {
-        const int64_t offset = r * heads * head_dim, q_offset = r * q.stride(0);
+        const int64_t offset = r * heads * head_dim, q_offset = r * q_stride;
         if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
           if (vector) {
             const auto call = head_dim == 64 ? attend_request_avx512<T, C, 4> : attend_request_avx512<T, C, 8>;
