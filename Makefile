@@ -36,8 +36,8 @@ $(XLA_STAMP): pyproject.toml
 
 test-xla: $(XLA_STAMP)
 	$(TESSERA_XLA_VENV)/bin/pip install -q -e . --no-deps  # the shared venv may point at another clone
-	# pytest's own script, not `python -m pytest`: that puts the clone on sys.path, where kernels/ shadows the
-	# `kernels` package that transformers (5.25 and later) imports.
+	# pytest's own script, not `python -m pytest`, which puts the clone first on sys.path (kernels/__init__.py
+	# then has to hand a top-level `import kernels`, from transformers 5.x, on to the installed package).
 	PJRT_DEVICE=CPU $(TESSERA_XLA_VENV)/bin/pytest -q tests/xla -s
 
 # The compose stack in Docker, end to end (docker/test-compose.sh): needs root; starts dockerd if none runs.

@@ -157,8 +157,8 @@ def gguf_models(model_dir: Path, outtypes) -> dict[str, Path]:
     for outtype in stale:
         print(f"converting {model_dir} to GGUF {outtype}", flush=True)
         partial = paths[outtype].with_suffix(".partial")
-        # cwd outside the clone: `python -c` puts it first on sys.path, where this repository's kernels/ would
-        # shadow the `kernels` package transformers imports.
+        # cwd outside the clone: `python -c` puts it first on sys.path, where this repository's kernels/ is also
+        # a top-level `kernels` (kernels/__init__.py hands that import on to the package transformers wants).
         result = subprocess.run([sys.executable, "-c", CONVERT, str(llamacpp_source()), str(model_dir.resolve()),
                                  "--outtype", outtype, "--outfile", str(partial.resolve())],
                                 capture_output=True, text=True, check=False, cwd=out)

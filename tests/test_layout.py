@@ -65,3 +65,22 @@ def test_the_tokenizer_role_speaks_only_the_engine_contract():
         modules = imported_modules(path)
         assert not reaches_into(modules, "worker"), path
         assert not reaches_into(modules, "engine") - {"tessera.engine.v1"}, path
+
+
+def test_the_clone_root_does_not_shadow_the_kernels_package_transformers_imports():
+    """From the clone's root (python -m, python -c) kernels/ is also a top-level `kernels`; imported by that
+    name it hands over to the installed package of that name, or fails as a missing module would."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    root = SERVICES.parent
+    probe = "import kernels; print(kernels.__file__)"
+    if importlib.util.find_spec("kernels") is not None:  # transformers' optional hub-kernels dependency
+        found = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
+        assert Path(found.stdout.strip()).resolve() != (root / "kernels" / "__init__.py")
+    # Without one (no site-packages: -S), a plain ModuleNotFoundError, and no half-made module left behind.
+    missing = subprocess.run(
+        [sys.executable, "-S", "-c", "import sys\ntry:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
+         "    print(e.name, 'kernels' in sys.modules)"], cwd=root, capture_output=True, text=True, check=True)
+    assert missing.stdout.split() == ["kernels", "False"]
