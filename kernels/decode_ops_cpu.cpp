@@ -12,12 +12,13 @@
 // Every step rounds where the PyTorch code in models/llama.py and models/rope.py rounds (to the activations' dtype
 // after each op), so bfloat16 results match it to the last bit but for the float sums' order (RMSNorm's mean)
 // and exp's last float bits (SiLU; vec_exp.h). Built without -ffast-math and with -ffp-contract=off: a fused multiply-add
-// would skip a rounding the PyTorch code makes. Registered as torch.ops.tessera.{add_rms_norm, rotary_, silu_mul, argmax_rows, write_kv_,
-// decode_layer}.
+// would skip a rounding the PyTorch code makes. Registered as torch.ops.tessera.{add_rms_norm, rotary_, silu_mul,
+// argmax_rows, write_kv_, decode_layer}, and DecodeModel, the whole decode step, as torch.classes.tessera.DecodeModel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/BFloat16.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "vec_exp.h"
 
@@ -356,6 +358,84 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   return {project(3, act, weights, biases, hidden), stream2};
 }
 
+// A whole decode step of one to four requests, one token each: the tokens' embedding rows, every decoder layer
+// (decode_layer), the final norm and the LM head, to float32 logits. The model's tensors are handed over once
+// (add_layer, set_head: models/fused_ops.py's native_decoder); a step is then one call with its five tensors,
+// where the layer-by-layer path made a dozen calls from Python, each converting some twenty arguments (~0.2 ms a
+// token on the 2-core EPYC Zen 4, about a tenth of a bfloat16 token). Each op is the one the Python path runs,
+// in the same order, so the logits are bit for bit the same.
+class DecodeModel : public torch::CustomClassHolder {
+ public:
+  DecodeModel(at::Tensor embedding, at::Tensor cos_sin_cache)
+      : embedding_(std::move(embedding)), cos_sin_cache_(std::move(cos_sin_cache)) {
+    TORCH_CHECK(embedding_.dim() == 2 && cos_sin_cache_.scalar_type() == at::kFloat,
+                "DecodeModel: an embedding table [vocab, hidden] and a float32 cos_sin_cache");
+  }
+
+  void add_layer(at::Tensor input_norm, at::Tensor post_norm, double eps, std::vector<at::Tensor> weights,
+                 c10::List<c10::optional<at::Tensor>> biases, int64_t num_heads, int64_t num_kv_heads,
+                 int64_t head_dim, int64_t intermediate, at::Tensor kv_cache, double scale, int64_t window) {
+    TORCH_CHECK((weights.size() == 4 || weights.size() == 12) && biases.size() == 4,
+                "DecodeModel.add_layer: 4 projections, 1 or 3 tensors each, and their 4 biases");
+    layers_.push_back(Layer{std::move(input_norm), std::move(post_norm), eps, std::move(weights), std::move(biases),
+                            num_heads, num_kv_heads, head_dim, intermediate, std::move(kv_cache), scale, window});
+  }
+
+  // weights: the LM head's gemv-packed tensor, or its three int8 ones; n: its outputs.
+  void set_head(at::Tensor norm, double eps, std::vector<at::Tensor> weights, c10::optional<at::Tensor> bias,
+                int64_t n) {
+    TORCH_CHECK(weights.size() == 1 || weights.size() == 3, "DecodeModel.set_head: 1 or 3 weight tensors");
+    norm_ = std::move(norm), norm_eps_ = eps, head_ = std::move(weights), head_bias_ = std::move(bias), head_n_ = n;
+  }
+
+  // input_ids, positions, slot_mapping int64 [n]; block_tables int32 [n, blocks]; seq_lens int32 [n] ->
+  // float32 logits [n, the head's outputs].
+  at::Tensor step(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& block_tables,
+                  const at::Tensor& seq_lens, const at::Tensor& slot_mapping) {
+    TORCH_CHECK(!layers_.empty() && norm_.defined(), "DecodeModel.step: add_layer and set_head first");
+    at::Tensor x = at::index_select(embedding_, 0, input_ids);
+    c10::optional<at::Tensor> residual;
+    for (const Layer& l : layers_) {
+      auto [out, stream] = decode_layer(x, residual, positions, cos_sin_cache_, l.input_norm, l.post_norm, l.eps,
+                                        l.weights, l.biases, l.num_heads, l.num_kv_heads, l.head_dim,
+                                        l.intermediate, l.kv_cache, block_tables, seq_lens, slot_mapping, l.scale,
+                                        l.window);
+      x = std::move(out);
+      residual = std::move(stream);
+    }
+    const auto h = std::get<0>(add_rms_norm(x, residual, norm_, norm_eps_));
+    const auto logits = head_.size() == 1 ? gemv(h, head_[0], head_bias_, head_n_)
+                                          : int8_linear_rows(h, head_[0], head_[1], head_[2], head_bias_);
+    return logits.to(at::kFloat);
+  }
+
+  // step's argmax over the first `vocab` logits of each row (argmax_rows): a greedy step's token ids, int64 [n].
+  at::Tensor greedy_step(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& block_tables,
+                         const at::Tensor& seq_lens, const at::Tensor& slot_mapping, int64_t vocab) {
+    const auto logits = step(input_ids, positions, block_tables, seq_lens, slot_mapping);
+    TORCH_CHECK(vocab > 0 && vocab <= logits.size(1), "DecodeModel.greedy_step: vocab within the head's outputs");
+    return argmax_rows(logits.narrow(1, 0, vocab));
+  }
+
+ private:
+  struct Layer {
+    at::Tensor input_norm, post_norm;
+    double eps;
+    std::vector<at::Tensor> weights;
+    c10::List<c10::optional<at::Tensor>> biases;
+    int64_t num_heads, num_kv_heads, head_dim, intermediate;
+    at::Tensor kv_cache;
+    double scale;
+    int64_t window;
+  };
+  at::Tensor embedding_, cos_sin_cache_, norm_;
+  double norm_eps_ = 0;
+  std::vector<at::Tensor> head_;
+  c10::optional<at::Tensor> head_bias_;
+  int64_t head_n_ = 0;
+  std::vector<Layer> layers_;
+};
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tessera, m) {
@@ -374,4 +454,10 @@ TORCH_LIBRARY_FRAGMENT(tessera, m) {
         "int head_dim, int intermediate, Tensor(a!) kv_cache, Tensor block_tables, Tensor seq_lens, "
         "Tensor slot_mapping, float scale, int window) -> (Tensor, Tensor)");
   m.impl("decode_layer", c10::DispatchKey::CPU, TORCH_FN(decode_layer));
+  m.class_<DecodeModel>("DecodeModel")
+      .def(torch::init<at::Tensor, at::Tensor>())
+      .def("add_layer", &DecodeModel::add_layer)
+      .def("set_head", &DecodeModel::set_head)
+      .def("step", &DecodeModel::step)
+      .def("greedy_step", &DecodeModel::greedy_step);
 }

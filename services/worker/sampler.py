@@ -87,15 +87,11 @@ class Sampler:
 
     def _is_plain_greedy(self, row: SamplingRow) -> bool:
         # (a token mask is applied to every row up front, so a masked greedy row is still plain)
-        p = row.params
-        return (
-            p.greedy
-            and not p.logit_bias
-            and len(row.output_token_ids) >= p.min_tokens
-            and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0
-            and p.frequency_penalty == 0.0
-        )
+        return plain_greedy(row.params, len(row.output_token_ids))
+
+    def greedy(self, logits: torch.Tensor) -> list[int]:
+        """What __call__ picks for rows that are all plain_greedy, with no masks and no logprobs: the argmax."""
+        return argmax(logits[:, : self.vocab_size].float()).tolist()
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Processes `logits` (a private copy, modified in place) and picks one token per row."""
@@ -259,6 +255,18 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float
 
 # Row v: what to add to the 8 logits of a mask byte of value v: 0 where its bit is set, -inf where not.
 _BYTE_PENALTIES = torch.tensor([[0.0 if v >> bit & 1 else -math.inf for bit in range(8)] for v in range(256)])
+
+
+def plain_greedy(params: SamplingParams, num_output_tokens: int) -> bool:
+    """Whether a row's token is just the argmax of its logits: greedy, with nothing that changes the logits."""
+    return (
+        params.greedy
+        and not params.logit_bias
+        and num_output_tokens >= params.min_tokens
+        and params.repetition_penalty == 1.0
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+    )
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

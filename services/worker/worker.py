@@ -23,10 +23,10 @@ from tessera.worker.device import attention_backend_for, default_dtype_for, reso
 from tessera.worker.host_allocator import keep_large_allocations_in_heap
 from tessera.model_config import ModelConfig
 from tessera.worker.models.int8_linear import QUANTIZATIONS, quantize_linear_layers
-from tessera.worker.models.fused_ops import native_decode_layers
+from tessera.worker.models.fused_ops import native_decode_layers, native_decoder
 from tessera.worker.models.packed_linear import (GEMV_ROWS, native_bf16_batches, pack_linear_layers, resolve_cpu_matmul,
                                                  use_gemv)
-from tessera.worker.sampler import Sampler, SamplingRow, top_logprobs
+from tessera.worker.sampler import Sampler, SamplingRow, plain_greedy, top_logprobs
 from tessera.worker.tensor_parallel import SINGLE, TensorParallel
 from tessera.sampling_params import InvalidParam, SamplingParams
 from tessera.step import StepPlan, StepResult, TokenLogprobs
@@ -107,8 +107,6 @@ class Worker:
                      pack_linear_layers(self.model, batches="native"))
         if self.device.type == "cpu" and hasattr(self.model, "native_layers"):
             self.model.native_layers = native_decode_layers(self.model)
-            if self.model.native_layers is not None:
-                log.info("decode steps of up to %d requests: each layer one native call", GEMV_ROWS)
         self.block_size = config.block_size
         kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's
         kv_dtype, row = self._kv_cache_layout(config.kv_cache_dtype, mc)
@@ -117,6 +115,12 @@ class Worker:
         self.num_blocks = tp.min_int(config.num_kv_blocks or max(config.kv_cache_memory // bytes_per_block, 1))
         shape = self.attn_backend.kv_cache_shape(self.num_blocks, self.block_size, kv_heads, row)
         self.kv_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(mc.num_hidden_layers)]
+        # Decode steps of up to GEMV_ROWS requests from the token ids to the logits in one native call.
+        self.native_decoder = native_decoder(self.model, self.kv_caches)
+        if self.native_decoder is not None:
+            log.info("decode steps of up to %d requests: one native call from the token ids to the logits", GEMV_ROWS)
+        elif getattr(self.model, "native_layers", None) is not None:
+            log.info("decode steps of up to %d requests: each layer one native call", GEMV_ROWS)
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s, %s backend)",
             self.num_blocks, self.block_size, self.num_blocks * self.block_size,
@@ -252,13 +256,9 @@ class Worker:
             query_lens.append(num_new)
             seq_lens.append(end)
         meta = self._metadata(states, positions, request_index, query_lens, seq_lens)
-        if self.cuda_graphs is not None and self.cuda_graphs.fits(meta):
-            hidden = self.cuda_graphs.run(self._tensor(input_ids), self._tensor(positions), meta)
-        else:
-            hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
 
-        # Which hidden rows need logits: the last token of each request that completes its context (to sample),
-        # and every prompt position of a chunk whose request asked for prompt logprobs.
+        # Which rows need logits: the last token of each request that completes its context (to sample), and
+        # every prompt position of a chunk whose request asked for prompt logprobs.
         sample_rows, sampling, prompt_rows, prompt_targets = [], [], [], []
         offset = 0
         for (request_id, num_new), state in zip(scheduled, states):
@@ -274,6 +274,19 @@ class Worker:
             state.num_computed_tokens = end
 
         result = StepResult()
+        if (self.native_decoder is not None and len(sample_rows) == meta.num_decodes == len(input_ids) <= GEMV_ROWS
+                and not prompt_rows):  # a few decodes, each sampled: from the token ids to the logits in one call
+            step = (self._tensor(input_ids), self._tensor(positions), meta.block_tables, meta.seq_lens,
+                    meta.slot_mapping)
+            if self._all_plain_greedy(sampling, plan.token_masks):
+                self._take(sampling, self.native_decoder.greedy_step(*step, self.sampler.vocab_size).tolist(), result)
+            else:
+                self._sample(self.native_decoder.step(*step), sampling, result, plan.token_masks)
+            return result
+        if self.cuda_graphs is not None and self.cuda_graphs.fits(meta):
+            hidden = self.cuda_graphs.run(self._tensor(input_ids), self._tensor(positions), meta)
+        else:
+            hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
         if not (sample_rows or prompt_rows):  # a prefill chunk that samples nothing: no logits (on every rank)
             return result
         logits = self.model.compute_logits(hidden[self._tensor(sample_rows + prompt_rows)])
@@ -290,6 +303,9 @@ class Worker:
 
     def _sample(self, logits: torch.Tensor, sampling: list, result: StepResult,
                 token_masks: dict[str, torch.Tensor] | None = None) -> None:
+        if self._all_plain_greedy(sampling, token_masks):  # no per-row state for the sampler to build
+            self._take(sampling, self.sampler.greedy(logits), result)
+            return
         rows = [
             SamplingRow(
                 state.params,
@@ -312,6 +328,19 @@ class Worker:
             if n is not None:
                 top = list(zip(top_ids[i][:n], top_values[i][:n])) if n else []
                 result.logprobs[request_id] = TokenLogprobs(token_ids[i], logprobs[i], top)
+
+    @staticmethod
+    def _all_plain_greedy(sampling: list, token_masks: dict[str, torch.Tensor] | None) -> bool:
+        """Whether each row's pick is its logits' argmax: no masks, no logprobs, nothing that changes the logits."""
+        return not token_masks and all(
+            state.params.logprobs is None and plain_greedy(state.params, len(state.token_ids) - state.num_prompt_tokens)
+            for _, state in sampling)
+
+    @staticmethod
+    def _take(sampling: list, token_ids: list[int], result: StepResult) -> None:
+        for (request_id, state), token_id in zip(sampling, token_ids, strict=True):
+            state.token_ids.append(token_id)
+            result.sampled_token_ids[request_id] = token_id
 
     def _stack_masks(self, sampling: list, token_masks: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """One bitmask row per sampled request, all bits set for the unconstrained ones; None if none is."""

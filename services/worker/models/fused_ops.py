@@ -99,3 +99,27 @@ def layer_kernels_built() -> bool:
     from tessera.kernels import paged_attention_cpu
 
     return all(paged_attention_cpu.load(kernel) is not None for kernel in ("paged_attention", "dense_gemv"))
+
+
+def native_decoder(model, kv_caches: list[torch.Tensor]):
+    """A torch.classes.tessera.DecodeModel holding the model's decode-time tensors and its KV caches, for the
+    worker's decode steps of up to GEMV_ROWS requests: model.native_layers set, one rank, and an LM head the
+    native kernels run (a GEMV copy, or int8 with its native kernel for that many rows); else None."""
+    from tessera.worker.models.int8_linear import Int8Linear
+    from tessera.worker.models.packed_linear import GEMV_ROWS, PackedLinear
+
+    head = getattr(model, "lm_head", None)
+    if getattr(model, "native_layers", None) is None or model.tp.size != 1:
+        return None
+    if isinstance(head, PackedLinear) and head.gemv_weight is not None:
+        head_weights, head_bias = [head.gemv_weight], head.gemv_bias
+    elif isinstance(head, Int8Linear) and head.native is not None and head.native_rows >= GEMV_ROWS:
+        head_weights, head_bias = [head.weight, head.weight_scale, head.weight_sums], head.bias
+    else:
+        return None
+    decoder = torch.classes.tessera.DecodeModel(model.embed_tokens.weight, model.rotary_emb.cos_sin_cache)
+    for layer, kv_cache in zip(model.native_layers, kv_caches, strict=True):
+        decoder.add_layer(layer.input_norm, layer.post_norm, layer.eps, layer.weights, layer.biases, layer.num_heads,
+                          layer.num_kv_heads, layer.head_dim, layer.intermediate, kv_cache, layer.scale, layer.window)
+    decoder.set_head(model.norm.weight, model.norm.eps, head_weights, head_bias, head.out_features)
+    return decoder
