@@ -1,6 +1,7 @@
 """The native CPU kernels: paged decode attention (paged_attention_cpu.cpp), the int8 and the float32/bfloat16
-linear layers for a few rows (int8_linear_cpu.cpp, dense_gemv_cpu.cpp) and a layer's small ops fused
-(decode_ops_cpu.cpp), each its own library, built on first use, then loaded.
+linear layers for a few rows (int8_linear_cpu.cpp, dense_gemv_cpu.cpp), a layer's small ops fused
+(decode_ops_cpu.cpp) and bf16 prompt attention over the paged cache (prefill_attention_cpu.cpp), each its own
+library, built on first use, then loaded.
 
 The PyTorch backend gathers every decode's KV blocks into a padded copy before SDPA, which moves the KV cache
 through memory three times; the kernel reads each block in place once. It is compiled with the machine's C++
@@ -34,6 +35,7 @@ KERNELS = {
     "int8_linear": (SOURCE.with_name("int8_linear_cpu.cpp"), "int8_linear_rows", False),
     "decode_ops": (SOURCE.with_name("decode_ops_cpu.cpp"), "add_rms_norm", False),
     "dense_gemv": (SOURCE.with_name("dense_gemv_cpu.cpp"), "gemv", False),
+    "prefill_attention": (SOURCE.with_name("prefill_attention_cpu.cpp"), "paged_prefill_attention", False),
 }
 ISA_FLAGS = {  # what torch.backends.cpu.get_cpu_capability() reports -> the flags that let loops use it
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],

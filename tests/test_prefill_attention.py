@@ -1,0 +1,110 @@
+"""The bf16 prompt attention over the paged cache (kernels/prefill_attention_cpu.cpp) against the PyTorch path it
+replaces (gather + SDPA) and against float64, and through a whole model."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tessera.kernels import paged_attention_cpu
+
+prefill = paged_attention_cpu.load("prefill_attention")
+pytestmark = pytest.mark.skipif(prefill is None or not torch.ops.tessera.paged_prefill_available(),
+                                reason="the native prompt attention needs AVX512-BF16 and a C++ compiler")
+
+
+def reference(q, key_cache, value_cache, table, seq_len, scale, window, dtype):
+    """SDPA over the gathered context, in `dtype`: query j at position seq_len - q_len + j."""
+    block_size = key_cache.shape[1]
+    blocks = table[: -(-seq_len // block_size)]
+    k = key_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].to(dtype)
+    v = value_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].to(dtype)
+    q_pos = torch.arange(seq_len - q.shape[0], seq_len).unsqueeze(1)
+    k_pos = torch.arange(seq_len).unsqueeze(0)
+    mask = (k_pos <= q_pos) & ((k_pos > q_pos - window) if window else True)
+    out = F.scaled_dot_product_attention(q.to(dtype).transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(0, 1)
+
+
+CASES = [  # q_len, seq_len, heads, kv_heads, head_dim, block_size, window
+    (192, 192, 8, 4, 64, 16, 0),  # a whole prompt
+    (37, 37, 8, 4, 64, 16, 0),  # lengths off the 16-token steps
+    (20, 100, 8, 2, 64, 16, 0),  # a later chunk: most of the context cached before
+    (50, 50, 4, 4, 128, 16, 0),  # no grouping, head_dim 128
+    (64, 200, 8, 8, 64, 8, 0),  # cache blocks smaller than a step
+    (45, 45, 8, 1, 32, 16, 0),  # one KV head for all, head_dim 32
+    (100, 100, 8, 4, 64, 16, 30),  # a sliding window
+    (33, 90, 8, 4, 128, 32, 17),  # a window on a later chunk, blocks larger than a step
+    (1, 40, 8, 4, 64, 16, 0),  # a one-token chunk
+]
+
+
+@pytest.mark.parametrize("q_len, seq_len, heads, kv_heads, head_dim, block_size, window", CASES)
+def test_prompt_attention_is_as_close_to_float64_as_pytorchs_bf16_sdpa(q_len, seq_len, heads, kv_heads, head_dim,
+                                                                       block_size, window):
+    g = torch.Generator().manual_seed(q_len * 1000 + seq_len)
+    num_blocks = 64
+    key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
+    value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
+    table = torch.randperm(num_blocks, generator=g)[: -(-seq_len // block_size) + 1].to(torch.int32)  # scattered
+    # Query rows as strided views of a wider projection, as the model's qkv output gives them.
+    qkv = torch.randn(q_len, heads * head_dim + 64, generator=g).bfloat16()
+    q = qkv[:, : heads * head_dim].view(q_len, heads, head_dim)
+    scale = head_dim**-0.5
+    got = prefill(q, key_cache, value_cache, table, seq_len, scale, window)
+    assert got.shape == q.shape and got.dtype == torch.bfloat16
+    exact = reference(q, key_cache, value_cache, table, seq_len, scale, window, torch.float64)
+    theirs = reference(q, key_cache, value_cache, table, seq_len, scale, window, torch.bfloat16)
+    error, their_error = (got.double() - exact).abs().max().item(), (theirs.double() - exact).abs().max().item()
+    assert error <= their_error * 1.25 + 1e-3, (error, their_error)
+    torch.testing.assert_close(got.float(), theirs.float(), atol=2e-2, rtol=0)
+
+
+def test_prompt_attention_refuses_what_it_cannot_compute():
+    cache = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
+    q = torch.zeros(8, 4, 64, dtype=torch.bfloat16)
+    table = torch.arange(4, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="bfloat16 q"):
+        prefill(q.float(), cache, cache, table, 8, 0.125, 0)
+    with pytest.raises(RuntimeError, match="head_dim 32, 64 or 128"):
+        prefill(q[..., :48].contiguous(), cache[..., :48].contiguous(), cache[..., :48].contiguous(), table, 8, 0.1, 0)
+    with pytest.raises(RuntimeError, match="1 <= q_len <= seq_len"):
+        prefill(q, cache, cache, table, 4, 0.125, 0)
+    with pytest.raises(RuntimeError, match="covering seq_len"):
+        prefill(q, cache, cache, table[:1], 40, 0.125, 0)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        prefill(q, cache, cache, torch.tensor([0, 9], dtype=torch.int32), 20, 0.125, 0)
+
+
+@pytest.mark.parametrize("preset", ["llama", "llama_mqa", "mistral"])
+def test_a_bf16_model_prefills_through_it_with_the_sdpa_paths_logits(preset, tmp_path_factory):
+    """Whole prompts and chunked ones (a prompt in two steps), past the sliding window, head_dim 64: the native
+    backend's logits against the pure PyTorch backend's, both bf16."""
+    from test_model import empty_kv_caches, make_batch, random_prompt, scattered_block_table
+    from tiny_checkpoints import preset_checkpoint
+
+    from tessera.worker.attention.torch_backend import TorchAttentionBackend
+    from tessera.worker.checkpoint import load_model
+
+    path = preset_checkpoint(tmp_path_factory, preset, hidden_size=128, num_attention_heads=2,
+                             num_key_value_heads=1 if preset == "llama_mqa" else 2, head_dim=64)
+    logits = []
+    for backend in (TorchAttentionBackend(native_decode=False), TorchAttentionBackend()):
+        model, config = load_model(path, backend, dtype="bfloat16")
+        assert config.head_dim == 64
+        kv_caches = empty_kv_caches(model, backend)
+        tables = [scattered_block_table(8, seed) for seed in range(2)]  # disjoint enough: 16 blocks, 8 each
+        tables = [tables[0], [b for b in range(16) if b not in tables[0]][:8]]
+        prompts = [random_prompt(13, config.vocab_size, 0), random_prompt(29, config.vocab_size, 1)]
+
+        def step(requests):
+            input_ids, positions, meta = make_batch(requests)
+            return model.compute_logits(model(input_ids, positions, kv_caches, meta))
+
+        with torch.inference_mode():
+            first = step([(tables[0], prompts[0], 0), (tables[1], prompts[1][:11], 0)])
+            rest = step([(tables[1], prompts[1][11:], 11)])
+        logits.append(torch.cat([first, rest]))
+    pure, native = logits
+    torch.testing.assert_close(native, pure, atol=0.1, rtol=0)
