@@ -1,15 +1,17 @@
-// Causal attention of a prompt chunk over the paged KV cache on the CPU, bfloat16, with AVX512-BF16 dot products:
-// the queries [q_len, heads, D] of one request at positions seq_len - q_len .. seq_len - 1 against the keys and
-// values of positions 0 .. seq_len - 1 read from its blocks (the chunk's own are written there first), an optional
-// sliding window. PyTorch's SDPA for the CPU ran the bench model's prompts at ~70 GFLOP/s on two Zen 4 cores
-// (~35 on one, a sixth of what its bf16 dot products do); it also needs the context gathered into a copy.
+// Causal attention of a prompt chunk over the paged KV cache on the CPU, float32 or bfloat16: the queries
+// [q_len, heads, D] of one request at positions seq_len - q_len .. seq_len - 1 against the keys and values of
+// positions 0 .. seq_len - 1 read from its blocks (the chunk's own are written there first), an optional sliding
+// window. PyTorch's SDPA for the CPU ran the bench model's bf16 prompts at ~70 GFLOP/s on two Zen 4 cores (~35
+// on one, a sixth of what its bf16 dot products do); it also needs the context gathered into a copy.
 //
-// Flash-attention style, per KV head: its keys repacked once into [16-token step][D/2 pairs][16 tokens] and its
-// values into [token pair][D][2] (what VDPBF16PS multiplies: two bf16 products per lane), then every query row of
-// the heads sharing it, 16 positions at a time, walks the context 16 keys a step with an online softmax: scores
-// in float32, probabilities rounded to bf16 for the value products and the sums in float32, as PyTorch's bf16
-// SDPA does. Registered as torch.ops.tessera.paged_prefill_attention; CPUs without AVX512-BF16, other dtypes and
-// head sizes (32, 64 and 128 run here) keep the PyTorch path (services/worker/attention/torch_backend.py), which is also the reference.
+// Flash-attention style, per KV head: its keys repacked once into [16-token step][word][16 tokens] and its
+// values into rows of D words, bf16 as what VDPBF16PS multiplies (two products a lane: key pairs, value rows
+// interleaved by token pair), float32 for fused multiply-adds; then every query row of the heads sharing it, 16
+// positions at a time, walks the context 16 keys a step with an online softmax, its output in registers. Scores
+// and sums in float32; bf16 probabilities are rounded to bf16 for the value products, as PyTorch's bf16 SDPA
+// does. Registered as torch.ops.tessera.paged_prefill_attention, for CPUs with AVX512-BF16 (Zen 4/5, Sapphire
+// Rapids on); other CPUs, int8 caches and other head sizes (32, 64 and 128 run here) keep the PyTorch path
+// (services/worker/attention/torch_backend.py), which is also the reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -19,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "vec_exp.h"
@@ -34,49 +37,69 @@ bool prefill_available() {
   return yes;
 }
 
-// Where a token's row (of one KV head) sits in a cache plane [blocks, block_size, kv_heads, D].
+// Where a token's row (of one KV head) sits in a cache plane [blocks, block_size, kv_heads, D] of T.
+template <typename T>
 struct Plane {
-  const uint16_t* base;
+  const T* base;
   const int32_t* table;
   int64_t block_size, block_stride, slot_stride;
-  const uint16_t* row(int64_t token, int64_t head, int64_t D) const {
+  const T* row(int64_t token, int64_t head, int64_t D) const {
     return base + table[token / block_size] * block_stride + (token % block_size) * slot_stride + head * D;
   }
 };
 
-// Keys [first, end) of one head -> kp[step][pair][16 tokens] (uint32 = a bf16 pair), zeros past `end`;
-// values -> vp[token pair][D] with token 2u in the low half, 2u + 1 in the high half.
-template <int D>
-void repack(const Plane& keys, const Plane& values, int64_t head, int64_t first, int64_t end, uint32_t* kp,
+// 32-bit words of a key row: bf16 pairs (what one dot-product lane takes) or floats.
+template <typename T, int D>
+constexpr int key_words() { return std::is_same_v<T, float> ? D : D / 2; }
+// Rows of D words a step of values takes: bf16 token pairs, or float tokens.
+template <typename T>
+constexpr int value_rows() { return std::is_same_v<T, float> ? STEP : STEP / 2; }
+
+// Keys [first, end) of one head -> kp[step][word][16 tokens], zeros past `end`; values -> vp[step][row][D]:
+// float32 rows as they are, bf16 by token pair (token 2u in each word's low half, 2u + 1 in its high half).
+template <typename T, int D>
+void repack(const Plane<T>& keys, const Plane<T>& values, int64_t head, int64_t first, int64_t end, uint32_t* kp,
             uint32_t* vp) {
+  constexpr int KW = key_words<T, D>(), VR = value_rows<T>();
   const int64_t steps = (end - first + STEP - 1) / STEP;
-  std::memset(kp, 0, steps * (D / 2) * STEP * sizeof(uint32_t));
-  std::memset(vp, 0, steps * (STEP / 2) * D * sizeof(uint32_t));
+  std::memset(kp, 0, steps * KW * STEP * sizeof(uint32_t));
+  std::memset(vp, 0, steps * VR * D * sizeof(uint32_t));
   for (int64_t t = first; t < end; ++t) {
     const int64_t i = t - first, step = i / STEP, lane = i % STEP;
-    uint32_t pairs[D / 2];
-    std::memcpy(pairs, keys.row(t, head, D), sizeof pairs);
-    uint32_t* k = kp + step * (D / 2) * STEP + lane;
-    for (int p = 0; p < D / 2; ++p) k[p * STEP] = pairs[p];
-    const uint16_t* v = values.row(t, head, D);
-    uint32_t* out = vp + (i / 2) * D;
-    const int shift = (i % 2) * 16;
-    for (int d = 0; d < D; ++d) out[d] |= static_cast<uint32_t>(v[d]) << shift;
+    uint32_t words[KW];
+    std::memcpy(words, keys.row(t, head, D), sizeof words);
+    uint32_t* k = kp + step * KW * STEP + lane;
+    for (int w = 0; w < KW; ++w) k[w * STEP] = words[w];
+    const T* v = values.row(t, head, D);
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(vp + i * D, v, D * sizeof(float));
+    } else {
+      uint32_t* out = vp + (i / 2) * D;
+      const int shift = (i % 2) * 16;
+      const auto* bits = reinterpret_cast<const uint16_t*>(v);
+      for (int d = 0; d < D; ++d) out[d] |= static_cast<uint32_t>(bits[d]) << shift;
+    }
   }
 }
 
-// R query rows (q[r]: a row's D/2 bf16 pairs) against one step of keys: s[r] = q_r . k for its 16 tokens.
-template <int D, int R>
+// R query rows (q[r]: a row's key_words words) against one step of keys: s[r] = q_r . k for its 16 tokens.
+template <typename T, int D, int R>
 __attribute__((target("avx512f,avx512bf16,avx512bw"))) inline void scores_step(const uint32_t* const* q,
                                                                                 const uint32_t* kp, __m512* s) {
+  constexpr int KW = key_words<T, D>();
   __m512 even[R], odd[R];  // two chains per row: the dot products' latency, not their throughput, would bind
   for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
-  for (int p = 0; p < D / 2; p += 2) {
-    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + p * STEP);
-    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + (p + 1) * STEP);
+  for (int w = 0; w < KW; w += 2) {
+    const __m512i k0 = _mm512_loadu_si512(kp + w * STEP), k1 = _mm512_loadu_si512(kp + (w + 1) * STEP);
     for (int r = 0; r < R; ++r) {
-      even[r] = _mm512_dpbf16_ps(even[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(q[r][p])), k0);
-      odd[r] = _mm512_dpbf16_ps(odd[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(q[r][p + 1])), k1);
+      const __m512i q0 = _mm512_set1_epi32(static_cast<int>(q[r][w])), q1 = _mm512_set1_epi32(static_cast<int>(q[r][w + 1]));
+      if constexpr (std::is_same_v<T, float>) {
+        even[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(q0), _mm512_castsi512_ps(k0), even[r]);
+        odd[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(q1), _mm512_castsi512_ps(k1), odd[r]);
+      } else {
+        even[r] = _mm512_dpbf16_ps(even[r], (__m512bh)q0, (__m512bh)k0);
+        odd[r] = _mm512_dpbf16_ps(odd[r], (__m512bh)q1, (__m512bh)k1);
+      }
     }
   }
   for (int r = 0; r < R; ++r) s[r] = _mm512_add_ps(even[r], odd[r]);
@@ -84,10 +107,10 @@ __attribute__((target("avx512f,avx512bf16,avx512bw"))) inline void scores_step(c
 
 // Query rows [i0, i1) (positions base + i) of the heads h0 .. h0 + group - 1 that share a KV head, over its
 // repacked context from `first`: R rows at a time, each walking the context with its running max, sum and output
-// in registers; out rows written in bf16.
-template <int D>
+// in registers; out rows written in T.
+template <typename T, int D>
 __attribute__((target("avx512f,avx512bf16,avx512bw"))) void attend_block(
-    const uint16_t* q, int64_t q_stride, c10::BFloat16* out, int64_t out_stride, int64_t h0, int64_t group,
+    const T* q, int64_t q_stride, T* out, int64_t out_stride, int64_t h0, int64_t group,
     int64_t i0, int64_t i1, int64_t base, int64_t first, int64_t window, float scale, const uint32_t* kp,
     const uint32_t* vp) {
   constexpr int R = D == 64 ? 4 : 2;  // rows at once: their accumulators stay in registers
@@ -111,10 +134,10 @@ __attribute__((target("avx512f,avx512bf16,avx512bw"))) void attend_block(
     for (int r = 0; r < R; ++r) m[r] = -std::numeric_limits<float>::infinity(), l[r] = 0.f;
     for (int64_t step = step_lo; step <= step_hi; ++step) {
       __m512 s[R];
-      scores_step<D, R>(qr, kp + step * (D / 2) * STEP, s);
+      scores_step<T, D, R>(qr, kp + step * key_words<T, D>() * STEP, s);
       const __m512i tokens = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first + step * STEP)),
                                               _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-      alignas(64) uint32_t probs[R][STEP / 2];
+      alignas(64) uint32_t probs[R][value_rows<T>()];  // float32, or bf16 pairs
       for (int r = 0; r < R; ++r) {
         // Causal (a key at or before the row's position) and within the window.
         __mmask16 valid = _mm512_cmple_epi32_mask(tokens, _mm512_set1_epi32(static_cast<int>(pos[r])));
@@ -132,33 +155,44 @@ __attribute__((target("avx512f,avx512bf16,avx512bw"))) void attend_block(
         l[r] = l[r] * correction + _mm512_reduce_add_ps(p);
         m[r] = top;
         for (int c = 0; c < D / 16; ++c) o[r][c] = _mm512_mul_ps(o[r][c], _mm512_set1_ps(correction));
-        // Rounded to bf16 for the value products (as PyTorch's bf16 SDPA does), pairs of tokens per 32 bits.
-        _mm256_store_si256(reinterpret_cast<__m256i*>(probs[r]), (__m256i)_mm512_cvtneps_pbh(p));
+        if constexpr (std::is_same_v<T, float>)
+          _mm512_store_ps(reinterpret_cast<float*>(probs[r]), p);
+        else  // rounded to bf16 for the value products, as PyTorch's bf16 SDPA does; two tokens a word
+          _mm256_store_si256(reinterpret_cast<__m256i*>(probs[r]), (__m256i)_mm512_cvtneps_pbh(p));
       }
-      const uint32_t* v = vp + step * (STEP / 2) * D;
-      for (int u = 0; u < STEP / 2; ++u) {
-        __m512bh vv[D / 16];
-        for (int c = 0; c < D / 16; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(v + u * D + c * 16);
+      const uint32_t* v = vp + step * value_rows<T>() * D;
+      for (int u = 0; u < value_rows<T>(); ++u) {
+        __m512i vv[D / 16];
+        for (int c = 0; c < D / 16; ++c) vv[c] = _mm512_loadu_si512(v + u * D + c * 16);
         for (int r = 0; r < R; ++r) {
-          const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(probs[r][u]));
-          for (int c = 0; c < D / 16; ++c) o[r][c] = _mm512_dpbf16_ps(o[r][c], w, vv[c]);
+          const __m512i w = _mm512_set1_epi32(static_cast<int>(probs[r][u]));
+          for (int c = 0; c < D / 16; ++c) {
+            if constexpr (std::is_same_v<T, float>)
+              o[r][c] = _mm512_fmadd_ps(_mm512_castsi512_ps(w), _mm512_castsi512_ps(vv[c]), o[r][c]);
+            else
+              o[r][c] = _mm512_dpbf16_ps(o[r][c], (__m512bh)w, (__m512bh)vv[c]);
+          }
         }
       }
     }
     for (int r = 0; r < R && r0 + r < rows; ++r) {
       const int64_t row = r0 + r, i = i0 + row / group, h = h0 + row % group;
       const __m512 inv = _mm512_set1_ps(1.f / l[r]);
-      c10::BFloat16* dst = out + i * out_stride + h * D;
-      for (int c = 0; c < D / 16; ++c)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * 16),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[r][c], inv)));
+      T* dst = out + i * out_stride + h * D;
+      for (int c = 0; c < D / 16; ++c) {
+        const __m512 value = _mm512_mul_ps(o[r][c], inv);
+        if constexpr (std::is_same_v<T, float>)
+          _mm512_storeu_ps(dst + c * 16, value);
+        else
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * 16), (__m256i)_mm512_cvtneps_pbh(value));
+      }
     }
   }
 }
 
-template <int D>
-void attend_prompt(const at::Tensor& q, const Plane& keys, const Plane& values, int64_t seq_len, int64_t kv_heads,
-                   int64_t window, float scale, at::Tensor& out) {
+template <typename T, int D>
+void attend_prompt(const at::Tensor& q, const Plane<T>& keys, const Plane<T>& values, int64_t seq_len,
+                   int64_t kv_heads, int64_t window, float scale, at::Tensor& out) {
   const int64_t q_len = q.size(0), heads = q.size(1), group = heads / kv_heads, base = seq_len - q_len;
   const int64_t first = window > 0 ? std::max<int64_t>(0, base - window + 1) : 0;  // the earliest key anyone sees
   const int64_t blocks = (q_len + QBLOCK - 1) / QBLOCK;
@@ -166,8 +200,8 @@ void attend_prompt(const at::Tensor& q, const Plane& keys, const Plane& values, 
   // item repacks the context its blocks need, so more chunks than threads only where heads are few.
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = std::min(blocks, std::max<int64_t>(1, (2 * threads + kv_heads - 1) / kv_heads));
-  const auto* qp = reinterpret_cast<const uint16_t*>(q.const_data_ptr<c10::BFloat16>());
-  auto* op = out.mutable_data_ptr<c10::BFloat16>();
+  const T* qp = q.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
   at::parallel_for(0, kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> kp, vp;  // per thread, reused across its items
     for (int64_t item = begin; item < end; ++item) {
@@ -176,33 +210,45 @@ void attend_prompt(const at::Tensor& q, const Plane& keys, const Plane& values, 
       for (int64_t b = chunk; b < blocks; b += chunks) last_block = b;
       const int64_t context_end = base + std::min(q_len, (last_block + 1) * QBLOCK);
       const int64_t steps = (context_end - first + STEP - 1) / STEP;
-      kp.resize(steps * (D / 2) * STEP);
-      vp.resize(steps * (STEP / 2) * D);
-      repack<D>(keys, values, g, first, context_end, kp.data(), vp.data());
+      kp.resize(steps * key_words<T, D>() * STEP);
+      vp.resize(steps * value_rows<T>() * D);
+      repack<T, D>(keys, values, g, first, context_end, kp.data(), vp.data());
       for (int64_t b = chunk; b < blocks; b += chunks)
-        attend_block<D>(qp, q.stride(0), op, out.stride(0), g * group, group, b * QBLOCK,
-                        std::min(q_len, (b + 1) * QBLOCK), base, first, window, scale, kp.data(), vp.data());
+        attend_block<T, D>(qp, q.stride(0), op, out.stride(0), g * group, group, b * QBLOCK,
+                           std::min(q_len, (b + 1) * QBLOCK), base, first, window, scale, kp.data(), vp.data());
     }
   });
 }
 
-// q [q_len, heads, D] bfloat16 (rows may be strided, each row's heads contiguous); key_cache / value_cache
-// [blocks, block_size, kv_heads, D] bfloat16 holding the context, this chunk's rows included; block_table [>=
-// ceil(seq_len / block_size)] int32; seq_len: the context including the chunk; window: 0 for none. D 32, 64
-// or 128.
-// Returns [q_len, heads, D].
+template <typename T>
+void attend_prompt_of(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                      const int32_t* table, int64_t seq_len, int64_t window, float scale, at::Tensor& out) {
+  auto plane = [&](const at::Tensor& cache) {
+    return Plane<T>{cache.const_data_ptr<T>(), table, cache.size(1), cache.stride(0), cache.stride(1)};
+  };
+  const int64_t D = q.size(2);
+  const auto call = D == 32 ? attend_prompt<T, 32> : D == 64 ? attend_prompt<T, 64> : attend_prompt<T, 128>;
+  call(q, plane(key_cache), plane(value_cache), seq_len, key_cache.size(2), window, scale, out);
+}
+
+// q [q_len, heads, D] float32 or bfloat16 (rows may be strided, each row's heads contiguous); key_cache /
+// value_cache [blocks, block_size, kv_heads, D] of q's dtype holding the context, this chunk's rows included;
+// block_table [>= ceil(seq_len / block_size)] int32; seq_len: the context including the chunk; window: 0 for
+// none. D 32, 64 or 128. Returns [q_len, heads, D].
 at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                    const at::Tensor& block_table, int64_t seq_len, double scale, int64_t window) {
   TORCH_CHECK(prefill_available(), "paged_prefill_attention: this CPU lacks AVX512-BF16");
-  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.scalar_type() == at::kBFloat16,
-              "paged_prefill_attention: bfloat16 q [q_len, heads, head_dim] on the CPU");
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && (bf16 || q.scalar_type() == at::kFloat),
+              "paged_prefill_attention: float32 or bfloat16 q [q_len, heads, head_dim] on the CPU");
   const int64_t q_len = q.size(0), heads = q.size(1), D = q.size(2);
   TORCH_CHECK(D == 32 || D == 64 || D == 128, "paged_prefill_attention: head_dim 32, 64 or 128, not ", D);
   TORCH_CHECK(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes() &&
-                  key_cache.strides() == value_cache.strides() && key_cache.scalar_type() == at::kBFloat16 &&
-                  value_cache.scalar_type() == at::kBFloat16 && key_cache.size(3) == D && key_cache.stride(3) == 1 &&
-                  key_cache.stride(2) == D,
-              "paged_prefill_attention: bfloat16 caches [blocks, block_size, kv_heads, head_dim], rows contiguous");
+                  key_cache.strides() == value_cache.strides() && key_cache.scalar_type() == q.scalar_type() &&
+                  value_cache.scalar_type() == q.scalar_type() && key_cache.size(3) == D &&
+                  key_cache.stride(3) == 1 && key_cache.stride(2) == D,
+              "paged_prefill_attention: caches [blocks, block_size, kv_heads, head_dim] of q's dtype, rows "
+              "contiguous");
   const int64_t kv_heads = key_cache.size(2), block_size = key_cache.size(1);
   TORCH_CHECK(heads % kv_heads == 0, "paged_prefill_attention: heads a multiple of the KV heads");
   TORCH_CHECK(q_len >= 1 && seq_len >= q_len, "paged_prefill_attention: 1 <= q_len <= seq_len");
@@ -215,12 +261,10 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_ca
     TORCH_CHECK(tp[b] >= 0 && tp[b] < key_cache.size(0), "paged_prefill_attention: block ", tp[b], " outside the cache");
   const auto qc = q.stride(2) == 1 && q.stride(1) == D ? q : q.contiguous();
   auto out = at::empty({q_len, heads, D}, q.options());
-  auto plane = [&](const at::Tensor& cache) {
-    return Plane{reinterpret_cast<const uint16_t*>(cache.const_data_ptr<c10::BFloat16>()), tp, block_size,
-                 cache.stride(0), cache.stride(1)};
-  };
-  const auto call = D == 32 ? attend_prompt<32> : D == 64 ? attend_prompt<64> : attend_prompt<128>;
-  call(qc, plane(key_cache), plane(value_cache), seq_len, kv_heads, window, static_cast<float>(scale), out);
+  if (bf16)
+    attend_prompt_of<c10::BFloat16>(qc, key_cache, value_cache, tp, seq_len, window, static_cast<float>(scale), out);
+  else
+    attend_prompt_of<float>(qc, key_cache, value_cache, tp, seq_len, window, static_cast<float>(scale), out);
   return out;
 }
 

@@ -1,5 +1,5 @@
-"""The bf16 prompt attention over the paged cache (kernels/prefill_attention_cpu.cpp) against the PyTorch path it
-replaces (gather + SDPA) and against float64, and through a whole model."""
+"""The prompt attention over the paged cache (kernels/prefill_attention_cpu.cpp) against the PyTorch path it
+replaces (gather + SDPA) and against float64, float32 and bf16, and through whole models."""
 from __future__ import annotations
 
 import pytest
@@ -40,32 +40,39 @@ CASES = [  # q_len, seq_len, heads, kv_heads, head_dim, block_size, window
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("q_len, seq_len, heads, kv_heads, head_dim, block_size, window", CASES)
-def test_prompt_attention_is_as_close_to_float64_as_pytorchs_bf16_sdpa(q_len, seq_len, heads, kv_heads, head_dim,
-                                                                       block_size, window):
+def test_prompt_attention_is_as_close_to_float64_as_pytorchs_sdpa(q_len, seq_len, heads, kv_heads, head_dim,
+                                                                  block_size, window, dtype):
     g = torch.Generator().manual_seed(q_len * 1000 + seq_len)
     num_blocks = 64
-    key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
-    value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
+    key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
     table = torch.randperm(num_blocks, generator=g)[: -(-seq_len // block_size) + 1].to(torch.int32)  # scattered
     # Query rows as strided views of a wider projection, as the model's qkv output gives them.
-    qkv = torch.randn(q_len, heads * head_dim + 64, generator=g).bfloat16()
+    qkv = torch.randn(q_len, heads * head_dim + 64, generator=g).to(dtype)
     q = qkv[:, : heads * head_dim].view(q_len, heads, head_dim)
     scale = head_dim**-0.5
     got = prefill(q, key_cache, value_cache, table, seq_len, scale, window)
-    assert got.shape == q.shape and got.dtype == torch.bfloat16
+    assert got.shape == q.shape and got.dtype == dtype
     exact = reference(q, key_cache, value_cache, table, seq_len, scale, window, torch.float64)
-    theirs = reference(q, key_cache, value_cache, table, seq_len, scale, window, torch.bfloat16)
+    theirs = reference(q, key_cache, value_cache, table, seq_len, scale, window, dtype)
     error, their_error = (got.double() - exact).abs().max().item(), (theirs.double() - exact).abs().max().item()
-    assert error <= their_error * 1.25 + 1e-3, (error, their_error)
-    torch.testing.assert_close(got.float(), theirs.float(), atol=2e-2, rtol=0)
+    if dtype == torch.bfloat16:  # both within the output's rounding
+        assert error <= their_error * 1.25 + 1e-3, (error, their_error)
+        torch.testing.assert_close(got.float(), theirs.float(), atol=2e-2, rtol=0)
+    else:
+        assert error < 1e-5, error
+        torch.testing.assert_close(got, theirs, atol=1e-5, rtol=0)
 
 
 def test_prompt_attention_refuses_what_it_cannot_compute():
     cache = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
     q = torch.zeros(8, 4, 64, dtype=torch.bfloat16)
     table = torch.arange(4, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="bfloat16 q"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 q"):
+        prefill(q.half(), cache.half(), cache.half(), table, 8, 0.125, 0)
+    with pytest.raises(RuntimeError, match="of q's dtype"):
         prefill(q.float(), cache, cache, table, 8, 0.125, 0)
     with pytest.raises(RuntimeError, match="head_dim 32, 64 or 128"):
         prefill(q[..., :48].contiguous(), cache[..., :48].contiguous(), cache[..., :48].contiguous(), table, 8, 0.1, 0)
@@ -77,10 +84,11 @@ def test_prompt_attention_refuses_what_it_cannot_compute():
         prefill(q, cache, cache, torch.tensor([0, 9], dtype=torch.int32), 20, 0.125, 0)
 
 
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.1)])
 @pytest.mark.parametrize("preset", ["llama", "llama_mqa", "mistral"])
-def test_a_bf16_model_prefills_through_it_with_the_sdpa_paths_logits(preset, tmp_path_factory):
+def test_a_model_prefills_through_it_with_the_sdpa_paths_logits(preset, dtype, atol, tmp_path_factory):
     """Whole prompts and chunked ones (a prompt in two steps), past the sliding window, head_dim 64: the native
-    backend's logits against the pure PyTorch backend's, both bf16."""
+    backend's logits against the pure PyTorch backend's, in one dtype."""
     from test_model import empty_kv_caches, make_batch, random_prompt, scattered_block_table
     from tiny_checkpoints import preset_checkpoint
 
@@ -91,7 +99,7 @@ def test_a_bf16_model_prefills_through_it_with_the_sdpa_paths_logits(preset, tmp
                              num_key_value_heads=1 if preset == "llama_mqa" else 2, head_dim=64)
     logits = []
     for backend in (TorchAttentionBackend(native_decode=False), TorchAttentionBackend()):
-        model, config = load_model(path, backend, dtype="bfloat16")
+        model, config = load_model(path, backend, dtype=dtype)
         assert config.head_dim == 64
         kv_caches = empty_kv_caches(model, backend)
         tables = [scattered_block_table(8, seed) for seed in range(2)]  # disjoint enough: 16 blocks, 8 each
@@ -107,4 +115,4 @@ def test_a_bf16_model_prefills_through_it_with_the_sdpa_paths_logits(preset, tmp
             rest = step([(tables[1], prompts[1][11:], 11)])
         logits.append(torch.cat([first, rest]))
     pure, native = logits
-    torch.testing.assert_close(native, pure, atol=0.1, rtol=0)
+    torch.testing.assert_close(native, pure, atol=atol, rtol=0)

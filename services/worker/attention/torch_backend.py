@@ -2,8 +2,9 @@
 
 It runs anywhere PyTorch does, and it is the oracle the Triton and XLA backends are tested against. On the CPU,
 decodes go through the native kernel (kernels/paged_attention_cpu.cpp) when it could be built: it reads the
-blocks in place instead of gathering a padded copy; bf16 prefill chunks on CPUs with AVX512-BF16 go through
-kernels/prefill_attention_cpu.cpp (in place too, ~5x SDPA's speed there), other prefill chunks stay on SDPA.
+blocks in place instead of gathering a padded copy; prefill chunks on CPUs with AVX512-BF16 (float32 and bf16
+caches) go through kernels/prefill_attention_cpu.cpp (in place too, 3-6x SDPA's speed there), others stay on
+SDPA.
 
 An int8 cache (attention/int8_kv.py) is written quantized and read dequantized (prefill chunks, the pure PyTorch
 decodes) or in place (the native kernel). A whole prompt attends to its own keys as computed, before rounding.
@@ -76,8 +77,8 @@ class TorchAttentionBackend(AttentionBackend):
             last = min(first + DECODE_GROUP, decodes)
             out[first:last] = self._decodes(q[first:last], kv_cache, meta, first, last, scale, sliding_window)
         start = meta.num_decodes
-        native_prefill = (self.native_prefill is not None and q.device.type == "cpu" and q.dtype == torch.bfloat16
-                          and kv_cache.dtype == torch.bfloat16 and q.shape[2] in (32, 64, 128))
+        native_prefill = (self.native_prefill is not None and q.device.type == "cpu" and kv_cache.dtype == q.dtype
+                          and q.dtype in (torch.float32, torch.bfloat16) and q.shape[2] in (32, 64, 128))
         for i in range(meta.num_decodes, meta.num_reqs):
             q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
             if native_prefill:  # the chunk's keys and values are in the cache by now: it reads them in place
