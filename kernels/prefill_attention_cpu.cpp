@@ -268,6 +268,34 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_ca
   return out;
 }
 
+// A whole prompt against its own keys and values as computed (k, v [q_len, kv_heads, D] of q's dtype, rows
+// may be strided, each row's heads contiguous), not as cached: what an int8 cache would round. The same kernel,
+// the tensors read as one block.
+at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                            int64_t window) {
+  TORCH_CHECK(prefill_available(), "prompt_attention: this CPU lacks AVX512-BF16");
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && (bf16 || q.scalar_type() == at::kFloat),
+              "prompt_attention: float32 or bfloat16 q [q_len, heads, head_dim] on the CPU");
+  const int64_t q_len = q.size(0), heads = q.size(1), D = q.size(2);
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, "prompt_attention: head_dim 32, 64 or 128, not ", D);
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(0) == q_len && k.size(2) == D &&
+                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() && heads % k.size(1) == 0,
+              "prompt_attention: k and v [q_len, kv_heads, head_dim] of q's dtype, heads a multiple of kv_heads");
+  const auto kc = k.stride(2) == 1 && k.stride(1) == D ? k : k.contiguous();
+  const auto vc = v.stride(2) == 1 && v.stride(1) == D ? v : v.contiguous();
+  const auto qc = q.stride(2) == 1 && q.stride(1) == D ? q : q.contiguous();
+  // One block of q_len tokens: [1, q_len, kv_heads, D] views, their token stride the rows'.
+  auto block = [&](const at::Tensor& x) { return x.as_strided({1, q_len, x.size(1), D}, {0, x.stride(0), D, 1}); };
+  const int32_t zero = 0;
+  auto out = at::empty({q_len, heads, D}, q.options());
+  if (bf16)
+    attend_prompt_of<c10::BFloat16>(qc, block(kc), block(vc), &zero, q_len, window, static_cast<float>(scale), out);
+  else
+    attend_prompt_of<float>(qc, block(kc), block(vc), &zero, q_len, window, static_cast<float>(scale), out);
+  return out;
+}
+
 bool paged_prefill_available() { return prefill_available(); }
 
 }  // namespace
@@ -276,5 +304,7 @@ TORCH_LIBRARY_FRAGMENT(tessera, m) {
   m.def("paged_prefill_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_table, int seq_len, "
         "float scale, int window) -> Tensor");
   m.impl("paged_prefill_attention", c10::DispatchKey::CPU, TORCH_FN(paged_prefill_attention));
+  m.def("prompt_attention(Tensor q, Tensor k, Tensor v, float scale, int window) -> Tensor");
+  m.impl("prompt_attention", c10::DispatchKey::CPU, TORCH_FN(prompt_attention));
   m.def("paged_prefill_available() -> bool", &paged_prefill_available);
 }

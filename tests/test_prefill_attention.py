@@ -66,6 +66,33 @@ def test_prompt_attention_is_as_close_to_float64_as_pytorchs_sdpa(q_len, seq_len
         torch.testing.assert_close(got, theirs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len, heads, kv_heads, head_dim, window", [(192, 8, 4, 64, 0), (45, 8, 1, 32, 0),
+                                                                     (50, 4, 4, 128, 0), (100, 8, 4, 64, 30)])
+def test_a_whole_prompt_on_its_own_keys_gives_what_the_cache_would(q_len, heads, kv_heads, head_dim, window, dtype):
+    """prompt_attention reads k and v as computed (strided views of the qkv output): bit for bit what the paged
+    kernel gives once they are cached, in any block order."""
+    g = torch.Generator().manual_seed(q_len)
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    qkv = torch.randn(q_len, q_size + 2 * kv_size, generator=g).to(dtype)
+    q = qkv[:, :q_size].view(q_len, heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(q_len, kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size :].view(q_len, kv_heads, head_dim)
+    block_size, num_blocks = 16, 32
+    table = torch.randperm(num_blocks, generator=g)[: -(-q_len // block_size)].to(torch.int32)
+    caches = [torch.zeros(num_blocks * block_size, kv_heads, head_dim, dtype=dtype) for _ in range(2)]
+    slots = (table.long()[:, None] * block_size + torch.arange(block_size)).flatten()[:q_len]
+    for cache, x in zip(caches, (k, v)):
+        cache[slots] = x
+    key_cache, value_cache = (c.view(num_blocks, block_size, kv_heads, head_dim) for c in caches)
+    scale = head_dim**-0.5
+    got = torch.ops.tessera.prompt_attention(q, k, v, scale, window)
+    assert torch.equal(got, prefill(q, key_cache, value_cache, table, q_len, scale, window))
+    exact = reference(q, key_cache, value_cache, table, q_len, scale, window, torch.float64)
+    theirs = reference(q, key_cache, value_cache, table, q_len, scale, window, dtype)
+    assert (got.double() - exact).abs().max() <= (theirs.double() - exact).abs().max() * 1.25 + 1e-5
+
+
 def test_prompt_attention_refuses_what_it_cannot_compute():
     cache = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
     q = torch.zeros(8, 4, 64, dtype=torch.bfloat16)
@@ -82,16 +109,24 @@ def test_prompt_attention_refuses_what_it_cannot_compute():
         prefill(q, cache, cache, table[:1], 40, 0.125, 0)
     with pytest.raises(RuntimeError, match="outside the cache"):
         prefill(q, cache, cache, torch.tensor([0, 9], dtype=torch.int32), 20, 0.125, 0)
+    kv = torch.zeros(8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"k and v \[q_len, kv_heads, head_dim\] of q's dtype"):
+        torch.ops.tessera.prompt_attention(q, kv[:7], kv[:7], 0.125, 0)
+    with pytest.raises(RuntimeError, match="heads a multiple of kv_heads"):
+        torch.ops.tessera.prompt_attention(q, kv.repeat(1, 3, 1)[:, :3], kv.repeat(1, 3, 1)[:, :3], 0.125, 0)
 
 
-@pytest.mark.parametrize("dtype, atol", [("float32", 1e-4), ("bfloat16", 0.1)])
+@pytest.mark.parametrize("dtype, atol, int8_cache", [("float32", 1e-4, False), ("bfloat16", 0.1, False),
+                                                     ("bfloat16", 0.1, True)])
 @pytest.mark.parametrize("preset", ["llama", "llama_mqa", "mistral"])
-def test_a_model_prefills_through_it_with_the_sdpa_paths_logits(preset, dtype, atol, tmp_path_factory):
+def test_a_model_prefills_through_it_with_the_sdpa_paths_logits(preset, dtype, atol, int8_cache, tmp_path_factory):
     """Whole prompts and chunked ones (a prompt in two steps), past the sliding window, head_dim 64: the native
-    backend's logits against the pure PyTorch backend's, in one dtype."""
+    backend's logits against the pure PyTorch backend's, in one dtype; with an int8 cache the whole prompts take
+    the kernel on their own keys, the later chunk SDPA on the dequantized cache."""
     from test_model import empty_kv_caches, make_batch, random_prompt, scattered_block_table
     from tiny_checkpoints import preset_checkpoint
 
+    from tessera.worker.attention import int8_kv
     from tessera.worker.attention.torch_backend import TorchAttentionBackend
     from tessera.worker.checkpoint import load_model
 
@@ -102,6 +137,9 @@ def test_a_model_prefills_through_it_with_the_sdpa_paths_logits(preset, dtype, a
         model, config = load_model(path, backend, dtype=dtype)
         assert config.head_dim == 64
         kv_caches = empty_kv_caches(model, backend)
+        if int8_cache:
+            kv_caches = [torch.zeros(*c.shape[:-1], int8_kv.row_width(c.shape[-1]), dtype=torch.int8)
+                         for c in kv_caches]
         tables = [scattered_block_table(8, seed) for seed in range(2)]  # disjoint enough: 16 blocks, 8 each
         tables = [tables[0], [b for b in range(16) if b not in tables[0]][:8]]
         prompts = [random_prompt(13, config.vocab_size, 0), random_prompt(29, config.vocab_size, 1)]

@@ -2,9 +2,9 @@
 
 It runs anywhere PyTorch does, and it is the oracle the Triton and XLA backends are tested against. On the CPU,
 decodes go through the native kernel (kernels/paged_attention_cpu.cpp) when it could be built: it reads the
-blocks in place instead of gathering a padded copy; prefill chunks on CPUs with AVX512-BF16 (float32 and bf16
-caches) go through kernels/prefill_attention_cpu.cpp (in place too, 3-6x SDPA's speed there), others stay on
-SDPA.
+blocks in place instead of gathering a padded copy; on CPUs with AVX512-BF16, float32 and bf16 prefills go
+through kernels/prefill_attention_cpu.cpp (3-6x SDPA's speed there): whole prompts on their keys as computed,
+later chunks on the cache in place (where it holds their dtype; an int8 cache's keep SDPA), others stay on SDPA.
 
 An int8 cache (attention/int8_kv.py) is written quantized and read dequantized (prefill chunks, the pure PyTorch
 decodes) or in place (the native kernel). A whole prompt attends to its own keys as computed, before rounding.
@@ -77,21 +77,33 @@ class TorchAttentionBackend(AttentionBackend):
             last = min(first + DECODE_GROUP, decodes)
             out[first:last] = self._decodes(q[first:last], kv_cache, meta, first, last, scale, sliding_window)
         start = meta.num_decodes
-        native_prefill = (self.native_prefill is not None and q.device.type == "cpu" and kv_cache.dtype == q.dtype
+        native_prompts = (self.native_prefill is not None and q.device.type == "cpu" and k.dtype == q.dtype
                           and q.dtype in (torch.float32, torch.bfloat16) and q.shape[2] in (32, 64, 128))
+        native_chunks = native_prompts and kv_cache.dtype == q.dtype
         for i in range(meta.num_decodes, meta.num_reqs):
             q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
-            if native_prefill:  # the chunk's keys and values are in the cache by now: it reads them in place
+            if native_prompts and q_len == seq_len:  # a whole prompt: its keys as computed, whatever the cache
+                out[start : start + q_len] = torch.ops.tessera.prompt_attention(
+                    q[start : start + q_len], k[start : start + q_len], v[start : start + q_len], scale,
+                    sliding_window or 0)
+                start += q_len
+                continue
+            if native_chunks:  # the chunk's keys and values are in the cache by now: it reads them in place
                 out[start : start + q_len] = self.native_prefill(q[start : start + q_len], kv_cache[0], kv_cache[1],
                                                                  meta.block_tables[i], seq_len, scale,
                                                                  sliding_window or 0)
                 start += q_len
                 continue
-            if q_len == seq_len and sliding_window is None:
-                # A whole prompt at once: its keys are this step's, and causal attention needs no mask (SDPA
-                # skips the blocks above the diagonal and nothing is gathered).
+            if q_len == seq_len:
+                # A whole prompt at once: its keys are this step's (nothing gathered, none rounded by an int8
+                # cache), and causal attention needs no mask but a window's (SDPA skips the blocks above the
+                # diagonal).
+                mask = None
+                if sliding_window is not None:
+                    pos = torch.arange(q_len)
+                    mask = ((pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - sliding_window))[None]
                 out[start : start + q_len] = _sdpa(q[start : start + q_len].unsqueeze(0), k[start : start + q_len]
-                                                   .unsqueeze(0), v[start : start + q_len].unsqueeze(0), None, scale)[0]
+                                                   .unsqueeze(0), v[start : start + q_len].unsqueeze(0), mask, scale)[0]
                 start += q_len
                 continue
             keys = gather_context(kv_cache[0], meta.block_tables[i], seq_len, q.dtype)
