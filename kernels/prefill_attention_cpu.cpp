@@ -113,7 +113,7 @@ __attribute__((target("avx512f,avx512bf16,avx512bw"))) void attend_block(
     const T* q, int64_t q_stride, T* out, int64_t out_stride, int64_t h0, int64_t group,
     int64_t i0, int64_t i1, int64_t base, int64_t first, int64_t window, float scale, const uint32_t* kp,
     const uint32_t* vp) {
-  constexpr int R = D == 64 ? 4 : 2;  // rows at once: their accumulators stay in registers
+  constexpr int R = D <= 64 ? 4 : 2;  // rows at once: their accumulators stay in registers
   const int64_t rows = (i1 - i0) * group;
   const int64_t last = base + i1 - 1;  // the latest position: the context this block needs ends there
   const int64_t lo = window > 0 ? std::max(first, base + i0 - window + 1) : first;
