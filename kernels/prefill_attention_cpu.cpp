@@ -9,8 +9,9 @@
 // interleaved by token pair), float32 for fused multiply-adds; then every query row of the heads sharing it, 16
 // positions at a time, walks the context 16 keys a step with an online softmax, its output in registers. Scores
 // and sums in float32; bf16 probabilities are rounded to bf16 for the value products, as PyTorch's bf16 SDPA
-// does. Registered as torch.ops.tessera.paged_prefill_attention, for CPUs with AVX512-BF16 (Zen 4/5, Sapphire
-// Rapids on); other CPUs, int8 caches and other head sizes (32, 64 and 128 run here) keep the PyTorch path
+// does; an int8 cache's rows are dequantized as they are repacked. Registered as
+// torch.ops.tessera.{paged_prefill_attention, prompt_attention}, for CPUs with AVX512-BF16 (Zen 4/5, Sapphire
+// Rapids on); other CPUs and head sizes (32, 64 and 128 run here) keep the PyTorch path
 // (services/worker/attention/torch_backend.py), which is also the reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -37,16 +38,30 @@ bool prefill_available() {
   return yes;
 }
 
-// Where a token's row (of one KV head) sits in a cache plane [blocks, block_size, kv_heads, D] of T.
-template <typename T>
+// Where a token's row of one KV head sits in a cache plane [blocks, block_size, kv_heads, row] of C: T itself,
+// or int8 (rows of head_dim values and their float32 scale: attention/int8_kv.py).
+template <typename C>
 struct Plane {
-  const T* base;
+  const C* base;
   const int32_t* table;
-  int64_t block_size, block_stride, slot_stride;
-  const T* row(int64_t token, int64_t head, int64_t D) const {
-    return base + table[token / block_size] * block_stride + (token % block_size) * slot_stride + head * D;
+  int64_t block_size, block_stride, slot_stride, head_stride;
+  const C* row(int64_t token, int64_t head) const {
+    return base + table[token / block_size] * block_stride + (token % block_size) * slot_stride + head * head_stride;
   }
 };
+
+// A cached row as D values of T: copied, or an int8 row dequantized as int8_kv.dequantize does (value * scale in
+// float32, then rounded to T).
+template <typename T, typename C, int D>
+inline void load_row(const C* row, T* out) {
+  if constexpr (std::is_same_v<C, int8_t>) {
+    float scale;
+    std::memcpy(&scale, row + D, sizeof scale);
+    for (int d = 0; d < D; ++d) out[d] = static_cast<T>(static_cast<float>(row[d]) * scale);
+  } else {
+    std::memcpy(out, row, D * sizeof(T));
+  }
+}
 
 // 32-bit words of a key row: bf16 pairs (what one dot-product lane takes) or floats.
 template <typename T, int D>
@@ -57,8 +72,8 @@ constexpr int value_rows() { return std::is_same_v<T, float> ? STEP : STEP / 2; 
 
 // Keys [first, end) of one head -> kp[step][word][16 tokens], zeros past `end`; values -> vp[step][row][D]:
 // float32 rows as they are, bf16 by token pair (token 2u in each word's low half, 2u + 1 in its high half).
-template <typename T, int D>
-void repack(const Plane<T>& keys, const Plane<T>& values, int64_t head, int64_t first, int64_t end, uint32_t* kp,
+template <typename T, typename C, int D>
+void repack(const Plane<C>& keys, const Plane<C>& values, int64_t head, int64_t first, int64_t end, uint32_t* kp,
             uint32_t* vp) {
   constexpr int KW = key_words<T, D>(), VR = value_rows<T>();
   const int64_t steps = (end - first + STEP - 1) / STEP;
@@ -66,17 +81,19 @@ void repack(const Plane<T>& keys, const Plane<T>& values, int64_t head, int64_t 
   std::memset(vp, 0, steps * VR * D * sizeof(uint32_t));
   for (int64_t t = first; t < end; ++t) {
     const int64_t i = t - first, step = i / STEP, lane = i % STEP;
+    T row[D];
+    load_row<T, C, D>(keys.row(t, head), row);
     uint32_t words[KW];
-    std::memcpy(words, keys.row(t, head, D), sizeof words);
+    std::memcpy(words, row, sizeof words);
     uint32_t* k = kp + step * KW * STEP + lane;
     for (int w = 0; w < KW; ++w) k[w * STEP] = words[w];
-    const T* v = values.row(t, head, D);
+    load_row<T, C, D>(values.row(t, head), row);
     if constexpr (std::is_same_v<T, float>) {
-      std::memcpy(vp + i * D, v, D * sizeof(float));
+      std::memcpy(vp + i * D, row, D * sizeof(float));
     } else {
       uint32_t* out = vp + (i / 2) * D;
       const int shift = (i % 2) * 16;
-      const auto* bits = reinterpret_cast<const uint16_t*>(v);
+      const auto* bits = reinterpret_cast<const uint16_t*>(row);
       for (int d = 0; d < D; ++d) out[d] |= static_cast<uint32_t>(bits[d]) << shift;
     }
   }
@@ -190,8 +207,8 @@ __attribute__((target("avx512f,avx512bf16,avx512bw"))) void attend_block(
   }
 }
 
-template <typename T, int D>
-void attend_prompt(const at::Tensor& q, const Plane<T>& keys, const Plane<T>& values, int64_t seq_len,
+template <typename T, typename C, int D>
+void attend_prompt(const at::Tensor& q, const Plane<C>& keys, const Plane<C>& values, int64_t seq_len,
                    int64_t kv_heads, int64_t window, float scale, at::Tensor& out) {
   const int64_t q_len = q.size(0), heads = q.size(1), group = heads / kv_heads, base = seq_len - q_len;
   const int64_t first = window > 0 ? std::max<int64_t>(0, base - window + 1) : 0;  // the earliest key anyone sees
@@ -212,7 +229,7 @@ void attend_prompt(const at::Tensor& q, const Plane<T>& keys, const Plane<T>& va
       const int64_t steps = (context_end - first + STEP - 1) / STEP;
       kp.resize(steps * key_words<T, D>() * STEP);
       vp.resize(steps * value_rows<T>() * D);
-      repack<T, D>(keys, values, g, first, context_end, kp.data(), vp.data());
+      repack<T, C, D>(keys, values, g, first, context_end, kp.data(), vp.data());
       for (int64_t b = chunk; b < blocks; b += chunks)
         attend_block<T, D>(qp, q.stride(0), op, out.stride(0), g * group, group, b * QBLOCK,
                            std::min(q_len, (b + 1) * QBLOCK), base, first, window, scale, kp.data(), vp.data());
@@ -220,21 +237,23 @@ void attend_prompt(const at::Tensor& q, const Plane<T>& keys, const Plane<T>& va
   });
 }
 
-template <typename T>
+// kv_heads from the cache's shape [blocks, block_size, kv_heads, row], the element type C from its dtype.
+template <typename T, typename C>
 void attend_prompt_of(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                       const int32_t* table, int64_t seq_len, int64_t window, float scale, at::Tensor& out) {
   auto plane = [&](const at::Tensor& cache) {
-    return Plane<T>{cache.const_data_ptr<T>(), table, cache.size(1), cache.stride(0), cache.stride(1)};
+    return Plane<C>{static_cast<const C*>(cache.const_data_ptr()), table, cache.size(1), cache.stride(0),
+                    cache.stride(1), cache.stride(2)};
   };
   const int64_t D = q.size(2);
-  const auto call = D == 32 ? attend_prompt<T, 32> : D == 64 ? attend_prompt<T, 64> : attend_prompt<T, 128>;
+  const auto call = D == 32 ? attend_prompt<T, C, 32> : D == 64 ? attend_prompt<T, C, 64> : attend_prompt<T, C, 128>;
   call(q, plane(key_cache), plane(value_cache), seq_len, key_cache.size(2), window, scale, out);
 }
 
 // q [q_len, heads, D] float32 or bfloat16 (rows may be strided, each row's heads contiguous); key_cache /
-// value_cache [blocks, block_size, kv_heads, D] of q's dtype holding the context, this chunk's rows included;
-// block_table [>= ceil(seq_len / block_size)] int32; seq_len: the context including the chunk; window: 0 for
-// none. D 32, 64 or 128. Returns [q_len, heads, D].
+// value_cache [blocks, block_size, kv_heads, D] of q's dtype, or int8 [..., D + 4] (attention/int8_kv.py),
+// holding the context, this chunk's rows included; block_table [>= ceil(seq_len / block_size)] int32; seq_len:
+// the context including the chunk; window: 0 for none. D 32, 64 or 128. Returns [q_len, heads, D].
 at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                    const at::Tensor& block_table, int64_t seq_len, double scale, int64_t window) {
   TORCH_CHECK(prefill_available(), "paged_prefill_attention: this CPU lacks AVX512-BF16");
@@ -243,12 +262,14 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_ca
               "paged_prefill_attention: float32 or bfloat16 q [q_len, heads, head_dim] on the CPU");
   const int64_t q_len = q.size(0), heads = q.size(1), D = q.size(2);
   TORCH_CHECK(D == 32 || D == 64 || D == 128, "paged_prefill_attention: head_dim 32, 64 or 128, not ", D);
+  const bool int8 = key_cache.scalar_type() == at::kChar;
   TORCH_CHECK(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes() &&
-                  key_cache.strides() == value_cache.strides() && key_cache.scalar_type() == q.scalar_type() &&
-                  value_cache.scalar_type() == q.scalar_type() && key_cache.size(3) == D &&
-                  key_cache.stride(3) == 1 && key_cache.stride(2) == D,
-              "paged_prefill_attention: caches [blocks, block_size, kv_heads, head_dim] of q's dtype, rows "
-              "contiguous");
+                  key_cache.strides() == value_cache.strides() &&
+                  (int8 || key_cache.scalar_type() == q.scalar_type()) &&
+                  value_cache.scalar_type() == key_cache.scalar_type() && key_cache.size(3) == D + (int8 ? 4 : 0) &&
+                  key_cache.stride(3) == 1 && key_cache.stride(2) == key_cache.size(3),
+              "paged_prefill_attention: caches [blocks, block_size, kv_heads, head_dim] of q's dtype, or int8 "
+              "[..., head_dim + 4], rows contiguous");
   const int64_t kv_heads = key_cache.size(2), block_size = key_cache.size(1);
   TORCH_CHECK(heads % kv_heads == 0, "paged_prefill_attention: heads a multiple of the KV heads");
   TORCH_CHECK(q_len >= 1 && seq_len >= q_len, "paged_prefill_attention: 1 <= q_len <= seq_len");
@@ -261,10 +282,15 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_ca
     TORCH_CHECK(tp[b] >= 0 && tp[b] < key_cache.size(0), "paged_prefill_attention: block ", tp[b], " outside the cache");
   const auto qc = q.stride(2) == 1 && q.stride(1) == D ? q : q.contiguous();
   auto out = at::empty({q_len, heads, D}, q.options());
-  if (bf16)
-    attend_prompt_of<c10::BFloat16>(qc, key_cache, value_cache, tp, seq_len, window, static_cast<float>(scale), out);
+  const float s = static_cast<float>(scale);
+  if (bf16 && int8)
+    attend_prompt_of<c10::BFloat16, int8_t>(qc, key_cache, value_cache, tp, seq_len, window, s, out);
+  else if (bf16)
+    attend_prompt_of<c10::BFloat16, c10::BFloat16>(qc, key_cache, value_cache, tp, seq_len, window, s, out);
+  else if (int8)
+    attend_prompt_of<float, int8_t>(qc, key_cache, value_cache, tp, seq_len, window, s, out);
   else
-    attend_prompt_of<float>(qc, key_cache, value_cache, tp, seq_len, window, static_cast<float>(scale), out);
+    attend_prompt_of<float, float>(qc, key_cache, value_cache, tp, seq_len, window, s, out);
   return out;
 }
 
@@ -289,10 +315,11 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
   auto block = [&](const at::Tensor& x) { return x.as_strided({1, q_len, x.size(1), D}, {0, x.stride(0), D, 1}); };
   const int32_t zero = 0;
   auto out = at::empty({q_len, heads, D}, q.options());
+  const float s = static_cast<float>(scale);
   if (bf16)
-    attend_prompt_of<c10::BFloat16>(qc, block(kc), block(vc), &zero, q_len, window, static_cast<float>(scale), out);
+    attend_prompt_of<c10::BFloat16, c10::BFloat16>(qc, block(kc), block(vc), &zero, q_len, window, s, out);
   else
-    attend_prompt_of<float>(qc, block(kc), block(vc), &zero, q_len, window, static_cast<float>(scale), out);
+    attend_prompt_of<float, float>(qc, block(kc), block(vc), &zero, q_len, window, s, out);
   return out;
 }
 

@@ -4,7 +4,7 @@ It runs anywhere PyTorch does, and it is the oracle the Triton and XLA backends 
 decodes go through the native kernel (kernels/paged_attention_cpu.cpp) when it could be built: it reads the
 blocks in place instead of gathering a padded copy; on CPUs with AVX512-BF16, float32 and bf16 prefills go
 through kernels/prefill_attention_cpu.cpp (3-6x SDPA's speed there): whole prompts on their keys as computed,
-later chunks on the cache in place (where it holds their dtype; an int8 cache's keep SDPA), others stay on SDPA.
+later chunks on the cache in place (an int8 cache's dequantized as the kernel reads them); others stay on SDPA.
 
 An int8 cache (attention/int8_kv.py) is written quantized and read dequantized (prefill chunks, the pure PyTorch
 decodes) or in place (the native kernel). A whole prompt attends to its own keys as computed, before rounding.
@@ -79,7 +79,7 @@ class TorchAttentionBackend(AttentionBackend):
         start = meta.num_decodes
         native_prompts = (self.native_prefill is not None and q.device.type == "cpu" and k.dtype == q.dtype
                           and q.dtype in (torch.float32, torch.bfloat16) and q.shape[2] in (32, 64, 128))
-        native_chunks = native_prompts and kv_cache.dtype == q.dtype
+        native_chunks = native_prompts and kv_cache.dtype in (q.dtype, torch.int8)
         for i in range(meta.num_decodes, meta.num_reqs):
             q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
             if native_prompts and q_len == seq_len:  # a whole prompt: its keys as computed, whatever the cache
