@@ -250,18 +250,27 @@ void attend_prompt_of(const at::Tensor& q, const at::Tensor& key_cache, const at
   call(q, plane(key_cache), plane(value_cache), seq_len, key_cache.size(2), window, scale, out);
 }
 
+// The checks both entry points make of the CPU and of q; returns q with each row's heads contiguous (rows may
+// stay strided: a view of the qkv projection).
+at::Tensor checked_queries(const at::Tensor& q, const char* op) {
+  TORCH_CHECK(prefill_available(), op, ": this CPU lacks AVX512-BF16");
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 &&
+                  (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
+              op, ": float32 or bfloat16 q [q_len, heads, head_dim] on the CPU");
+  const int64_t D = q.size(2);
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, op, ": head_dim 32, 64 or 128, not ", D);
+  return q.stride(2) == 1 && q.stride(1) == D ? q : q.contiguous();
+}
+
 // q [q_len, heads, D] float32 or bfloat16 (rows may be strided, each row's heads contiguous); key_cache /
 // value_cache [blocks, block_size, kv_heads, D] of q's dtype, or int8 [..., D + 4] (attention/int8_kv.py),
 // holding the context, this chunk's rows included; block_table [>= ceil(seq_len / block_size)] int32; seq_len:
 // the context including the chunk; window: 0 for none. D 32, 64 or 128. Returns [q_len, heads, D].
 at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                    const at::Tensor& block_table, int64_t seq_len, double scale, int64_t window) {
-  TORCH_CHECK(prefill_available(), "paged_prefill_attention: this CPU lacks AVX512-BF16");
+  const auto qc = checked_queries(q, "paged_prefill_attention");
   const bool bf16 = q.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && (bf16 || q.scalar_type() == at::kFloat),
-              "paged_prefill_attention: float32 or bfloat16 q [q_len, heads, head_dim] on the CPU");
   const int64_t q_len = q.size(0), heads = q.size(1), D = q.size(2);
-  TORCH_CHECK(D == 32 || D == 64 || D == 128, "paged_prefill_attention: head_dim 32, 64 or 128, not ", D);
   const bool int8 = key_cache.scalar_type() == at::kChar;
   TORCH_CHECK(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes() &&
                   key_cache.strides() == value_cache.strides() &&
@@ -280,7 +289,6 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_ca
   const int32_t* tp = table.const_data_ptr<int32_t>();
   for (int64_t b = 0; b < (seq_len + block_size - 1) / block_size; ++b)
     TORCH_CHECK(tp[b] >= 0 && tp[b] < key_cache.size(0), "paged_prefill_attention: block ", tp[b], " outside the cache");
-  const auto qc = q.stride(2) == 1 && q.stride(1) == D ? q : q.contiguous();
   auto out = at::empty({q_len, heads, D}, q.options());
   const float s = static_cast<float>(scale);
   if (bf16 && int8)
@@ -299,18 +307,14 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& key_ca
 // the tensors read as one block.
 at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                             int64_t window) {
-  TORCH_CHECK(prefill_available(), "prompt_attention: this CPU lacks AVX512-BF16");
+  const auto qc = checked_queries(q, "prompt_attention");
   const bool bf16 = q.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && (bf16 || q.scalar_type() == at::kFloat),
-              "prompt_attention: float32 or bfloat16 q [q_len, heads, head_dim] on the CPU");
   const int64_t q_len = q.size(0), heads = q.size(1), D = q.size(2);
-  TORCH_CHECK(D == 32 || D == 64 || D == 128, "prompt_attention: head_dim 32, 64 or 128, not ", D);
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(0) == q_len && k.size(2) == D &&
                   k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() && heads % k.size(1) == 0,
               "prompt_attention: k and v [q_len, kv_heads, head_dim] of q's dtype, heads a multiple of kv_heads");
   const auto kc = k.stride(2) == 1 && k.stride(1) == D ? k : k.contiguous();
   const auto vc = v.stride(2) == 1 && v.stride(1) == D ? v : v.contiguous();
-  const auto qc = q.stride(2) == 1 && q.stride(1) == D ? q : q.contiguous();
   // One block of q_len tokens: [1, q_len, kv_heads, D] views, their token stride the rows'.
   auto block = [&](const at::Tensor& x) { return x.as_strided({1, q_len, x.size(1), D}, {0, x.stride(0), D, 1}); };
   const int32_t zero = 0;
