@@ -2,7 +2,8 @@
 // paged KV cache (no gather copy). Portable loops (all query heads that share a KV head served by one pass over
 // its keys), and an AVX-512 path for float32/bfloat16 with head_dim 64 or 128 that walks the context block by
 // block, every head within a block, and keeps the queries and outputs of two heads sharing a KV head in registers
-// (64 decodes of 260 tokens, bf16, cache-resident: ~1.6 ms a layer -> ~0.5 ms on the 2-core EPYC).
+// (64 decodes of 260 tokens, bf16, cache-resident: ~1.6 ms a layer -> ~0.5 ms on the 2-core EPYC). A bf16 cache on
+// a CPU with AVX512-BF16 is multiplied with VDPBF16PS, as stored (cache-resident 0.38 -> 0.31 ms a layer, Zen 4).
 //
 // The cache holds the query's dtype, or int8 (--kv-cache-dtype int8): each row of head_dim int8 values followed by
 // its float32 scale (4 bytes), value = int8 * scale; the kernel takes the scale out of each score and each value
@@ -226,6 +227,103 @@ __attribute__((target("avx512f"))) inline void accumulate_block(float* acc, cons
     for (int j = 0; j < NV; ++j) _mm512_storeu_ps(acc + p * D + 16 * j, a[p][j]);
 }
 
+// With AVX512-BF16 a bfloat16 cache is multiplied as it is stored: VDPBF16PS adds two exact bf16 products to each
+// float32 lane, so a key row needs no widening and half the multiply-adds (the step was bound by these
+// instructions, not by memory: 64 decodes of 270 tokens at ~40 GB/s from cache on two Zen 4 cores). Scores: the
+// pairs are adjacent elements of q and k, the scale applied to each sum. Values: the pairs are two tokens, their
+// rows interleaved element by element, weighted by their probabilities rounded to bf16 (as PyTorch's bf16 SDPA
+// rounds them before its value product); sums stay float32.
+inline bool has_avx512_bf16() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
+template <int NV, int P>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void score_block_bf16(
+    const c10::BFloat16* q, const c10::BFloat16* k, int64_t t0, int64_t t1, int64_t slot_stride, float scale,
+    float* s, int64_t length) {
+  constexpr int64_t D = 16 * NV;
+  constexpr int TOKENS = 16 / P;
+  __m512i qv[P][NV / 2];
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < NV / 2; ++j) qv[p][j] = _mm512_loadu_si512(reinterpret_cast<const void*>(q + p * D + 32 * j));
+  const __m512 scales = _mm512_set1_ps(scale);
+  for (int64_t t = t0; t < t1; t += TOKENS) {
+    const int count = static_cast<int>(std::min<int64_t>(TOKENS, t1 - t));
+    __m512 dot[16];
+    for (int i = 0; i < 16; ++i) dot[i] = _mm512_setzero_ps();
+    for (int u = 0; u < TOKENS; ++u) {
+      if (u >= count) break;
+      const c10::BFloat16* kt = k + (t + u) * slot_stride;
+      for (int j = 0; j < NV / 2; ++j) {
+        const __m512i kv = _mm512_loadu_si512(reinterpret_cast<const void*>(kt + 32 * j));
+        for (int p = 0; p < P; ++p)
+          dot[p * TOKENS + u] = _mm512_dpbf16_ps(dot[p * TOKENS + u], (__m512bh)qv[p][j], (__m512bh)kv);
+      }
+    }
+    const __m512 sums = _mm512_mul_ps(sum_each16(dot), scales);
+    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
+    for (int p = 0; p < P; ++p) {
+      const __m512 lanes = p == 0 ? sums : _mm512_castsi512_ps(_mm512_alignr_epi32(
+                                                _mm512_castps_si512(sums), _mm512_castps_si512(sums), TOKENS));
+      _mm512_mask_storeu_ps(s + p * length + t - t0, valid, lanes);
+    }
+  }
+}
+
+// acc (P heads x D floats, in value_lane order) += tokens [t0, t1) of one block's values weighted by w (P rows of
+// bf16 probabilities, `length` apart), two tokens per product; an odd last token pairs with itself at weight 0.
+template <int NV, int P>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void accumulate_block_bf16(
+    float* acc, const c10::BFloat16* v, int64_t t0, int64_t t1, int64_t slot_stride, const uint16_t* w,
+    int64_t length) {
+  constexpr int64_t D = 16 * NV;
+  __m512 a[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < NV; ++j) a[p][j] = _mm512_loadu_ps(acc + p * D + 16 * j);
+  for (int64_t t = t0; t < t1; t += 2) {
+    const bool pair = t + 1 < t1;
+    const c10::BFloat16* v0 = v + t * slot_stride;
+    const c10::BFloat16* v1 = pair ? v0 + slot_stride : v0;
+    __m512i weight[P];
+    for (int p = 0; p < P; ++p) {
+      const uint16_t* wp = w + p * length + t - t0;
+      weight[p] = _mm512_set1_epi32(static_cast<int>(wp[0] | (pair ? static_cast<uint32_t>(wp[1]) << 16 : 0u)));
+    }
+    for (int c = 0; c < NV / 2; ++c) {
+      const __m512i x0 = _mm512_loadu_si512(reinterpret_cast<const void*>(v0 + 32 * c));
+      const __m512i x1 = _mm512_loadu_si512(reinterpret_cast<const void*>(v1 + 32 * c));
+      const __m512i lo = _mm512_unpacklo_epi16(x0, x1), hi = _mm512_unpackhi_epi16(x0, x1);
+      for (int p = 0; p < P; ++p) {
+        a[p][2 * c] = _mm512_dpbf16_ps(a[p][2 * c], (__m512bh)weight[p], (__m512bh)lo);
+        a[p][2 * c + 1] = _mm512_dpbf16_ps(a[p][2 * c + 1], (__m512bh)weight[p], (__m512bh)hi);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(acc + p * D + 16 * j, a[p][j]);
+}
+
+// The element of a row that lane `lane` of accumulate_block_bf16's vectors holds: vectors 2c and 2c + 1 are chunk
+// c's unpacked low and high quarters of each 128-bit lane (elements 8L..8L+3 and 8L+4..8L+7 of 128-bit lane L).
+inline int64_t value_lane(int64_t lane) {
+  const int64_t vector = lane / 16, within = lane % 16;
+  return 32 * (vector / 2) + 8 * (within / 4) + 4 * (vector % 2) + within % 4;
+}
+
+// s[i] (float32) rounded to bf16 into w, for i < count.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void round_to_bf16(const float* s, uint16_t* w,
+                                                                                   int64_t count) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + i)));
+  if (i < count) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (count - i)) - 1);
+    _mm256_mask_storeu_epi16(w + i, tail, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail, s + i)));
+  }
+}
+
 // Asks for the rows of tokens [t0, t1) of a block (all KV heads: `row` elements each) ahead of their use, into
 // L2: with L1 hints the few L1 miss buffers held the scattered blocks' reads to 11-15 GB/s (64 decodes of 260
 // tokens, bf16, cold, 2-core Zen 4), with L2 hints 18-24 GB/s.
@@ -265,67 +363,102 @@ constexpr int64_t kBlocksAhead = 2;  // how far ahead blocks are prefetched (1-3
 // head as one contiguous row, so visiting every head within a block reads it once, front to back, while a block
 // further on is prefetched, a share of it per head visited so the prefetches spread out. (One KV head at a time
 // over the whole context read each scattered block once per KV head, in strides: bf16 at a third of the memory's
-// bandwidth; 48 requests x 280 tokens, cold: 1.0 -> 0.58 ms a layer on the 2-core Zen 5.)
-template <typename T, typename C, int NV, int P>
-__attribute__((target("avx512f"))) void attend_blocks_avx512(
-    T* out, const T* q, const C* keys, const C* values, const int32_t* block_table, int64_t first, int64_t seq_len,
-    int64_t heads, int64_t group, int64_t block_size, int64_t block_stride, int64_t slot_stride,
-    int64_t head_stride, float scale, float* s, float* acc, float* sums) {
+// bandwidth; 48 requests x 280 tokens, cold: 1.0 -> 0.58 ms a layer on the 2-core Zen 5.) The prefetches run
+// along all the blocks the thread reads: past the last key block into the first value blocks, and past the last
+// value block into the next request's first key blocks (`next`), so neither seam waits on memory.
+// DP: bf16 dot products (a bfloat16 cache on a CPU with AVX512-BF16). Every instantiation carries that target so
+// that it can inline the DP helpers; the others contain no such instruction and run on any AVX-512 CPU.
+struct Context {  // where a request's tokens [first, seq_len) live
+  const int32_t* block_table;
+  int64_t first, seq_len;
+};
+
+template <typename T, typename C, int NV, int P, bool DP>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void attend_blocks_avx512(
+    T* out, const T* q, const C* keys, const C* values, Context context, Context next, int64_t heads,
+    int64_t group, int64_t block_size, int64_t block_stride, int64_t slot_stride, int64_t head_stride, float scale,
+    float* s, float* acc, float* sums, uint16_t* w) {
   constexpr int64_t D = 16 * NV;
+  const int32_t* block_table = context.block_table;
+  const int64_t first = context.first, seq_len = context.seq_len;
   const int64_t length = seq_len - first, row = (heads / group) * head_stride;
-  const int64_t b0 = first / block_size, b1 = (seq_len + block_size - 1) / block_size;
-  auto span = [&](int64_t b, int64_t& t0, int64_t& t1) {
-    t0 = std::max(first, b * block_size) - b * block_size;
-    t1 = std::min(seq_len, (b + 1) * block_size) - b * block_size;
+  const int64_t b0 = first / block_size, b1 = (seq_len + block_size - 1) / block_size, blocks = b1 - b0;
+  auto span = [&](const Context& c, int64_t b, int64_t& t0, int64_t& t1) {
+    t0 = std::max(c.first, b * block_size) - b * block_size;
+    t1 = std::min(c.seq_len, (b + 1) * block_size) - b * block_size;
   };
+  // Read i of the thread's sequence (keys, values, the next request's keys): its block and token span, or null.
+  auto read = [&](int64_t i, int64_t& t0, int64_t& t1) -> const C* {
+    const Context* c = &context;
+    const C* cache = i < blocks ? keys : values;
+    int64_t b = b0 + (i < blocks ? i : i - blocks);
+    if (i >= 2 * blocks) {
+      if (next.block_table == nullptr) return nullptr;
+      c = &next, cache = keys, b = next.first / block_size + i - 2 * blocks;
+      if (b * block_size >= next.seq_len) return nullptr;
+    }
+    span(*c, b, t0, t1);
+    return cache + c->block_table[b] * block_stride;
+  };
+  for (int64_t i = 0; i < kBlocksAhead; ++i) {  // usually already asked for by the previous request
+    int64_t t0, t1;
+    if (const C* block = read(i, t0, t1)) prefetch_rows(block, t0, t1, slot_stride, row);
+  }
   for (int pass = 0; pass < 2; ++pass) {  // keys, then values
     const C* cache = pass == 0 ? keys : values;
     int64_t t0, t1;
-    for (int64_t b = b0; b < std::min(b1, b0 + kBlocksAhead); ++b) {
-      span(b, t0, t1);
-      prefetch_rows(cache + block_table[b] * block_stride, t0, t1, slot_stride, row);
-    }
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t next = b + kBlocksAhead;
       int64_t n0 = 0, n1 = 0;
-      if (next < b1) span(next, n0, n1);
-      const C* ahead = next < b1 ? cache + block_table[next] * block_stride : nullptr;
-      span(b, t0, t1);
+      const C* ahead = read(pass * blocks + b - b0 + kBlocksAhead, n0, n1);
+      span(context, b, t0, t1);
       const C* block = cache + block_table[b] * block_stride;
       const int64_t offset = b * block_size + t0 - first;  // of the block's first token in the scores
       for (int64_t h = 0; h < heads; h += P) {
         if (ahead != nullptr)
           prefetch_rows(ahead, n0 + (n1 - n0) * h / heads, n0 + (n1 - n0) * (h + P) / heads, slot_stride, row);
         const C* kv = block + (h / group) * head_stride;
-        if (pass == 0)
+        if constexpr (DP) {
+          if (pass == 0)
+            score_block_bf16<NV, P>(q + h * D, kv, t0, t1, slot_stride, scale, s + h * length + offset, length);
+          else
+            accumulate_block_bf16<NV, P>(acc + h * D, kv, t0, t1, slot_stride, w + h * length + offset, length);
+        } else if (pass == 0) {
           score_block<T, C, NV, P>(q + h * D, kv, t0, t1, slot_stride, scale, s + h * length + offset, length);
-        else
+        } else {
           accumulate_block<C, NV, P>(acc + h * D, kv, t0, t1, slot_stride, s + h * length + offset, length);
+        }
       }
     }
     if (pass == 1) break;
-    for (int64_t h = 0; h < heads; ++h) sums[h] = exp_less_max(s + h * length, length);  // normalized at the end
+    for (int64_t h = 0; h < heads; ++h) {
+      sums[h] = exp_less_max(s + h * length, length);  // normalized at the end
+      if constexpr (DP) round_to_bf16(s + h * length, w + h * length, length);
+    }
     std::fill(acc, acc + heads * D, 0.f);
   }
   alignas(64) float lane[D];
   for (int64_t h = 0; h < heads; ++h) {
     const __m512 inv = _mm512_set1_ps(1.f / sums[h]);
     for (int j = 0; j < NV; ++j) _mm512_store_ps(lane + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(acc + h * D + 16 * j), inv));
-    for (int64_t d = 0; d < D; ++d) out[h * D + natural_index<C>(d)] = static_cast<T>(lane[d]);
+    for (int64_t d = 0; d < D; ++d) out[h * D + (DP ? value_lane(d) : natural_index<C>(d))] = static_cast<T>(lane[d]);
   }
 }
 
 template <typename T, typename C, int NV>
-void attend_request_avx512(T* out, const T* q, const C* keys, const C* values, const int32_t* block_table,
-                           int64_t seq_len, int64_t window, int64_t heads, int64_t group, int64_t block_size,
-                           int64_t block_stride, int64_t slot_stride, int64_t head_stride, float scale,
-                           std::vector<float>& scores, std::vector<float>& acc) {
-  const int64_t first = window > 0 ? std::max<int64_t>(0, seq_len - window) : 0;
-  scores.resize(heads * (seq_len - first));
+void attend_request_avx512(T* out, const T* q, const C* keys, const C* values, Context context, Context next,
+                           int64_t heads, int64_t group, int64_t block_size, int64_t block_stride,
+                           int64_t slot_stride, int64_t head_stride, float scale, std::vector<float>& scores,
+                           std::vector<float>& acc, std::vector<uint16_t>& weights) {
+  const int64_t length = context.seq_len - context.first;
+  scores.resize(heads * length);
   acc.resize(heads * (16 * NV + 1));  // the value sums, then each head's softmax denominator
-  const auto call = group % 2 == 0 ? attend_blocks_avx512<T, C, NV, 2> : attend_blocks_avx512<T, C, NV, 1>;
-  call(out, q, keys, values, block_table, first, seq_len, heads, group, block_size, block_stride, slot_stride,
-       head_stride, scale, scores.data(), acc.data(), acc.data() + heads * 16 * NV);
+  constexpr bool bf16 = std::is_same_v<C, c10::BFloat16>;
+  const bool dp = bf16 && has_avx512_bf16();
+  if (dp) weights.resize(heads * length);
+  const auto call = dp ? (group % 2 == 0 ? attend_blocks_avx512<T, C, NV, 2, bf16> : attend_blocks_avx512<T, C, NV, 1, bf16>)
+                       : (group % 2 == 0 ? attend_blocks_avx512<T, C, NV, 2, false> : attend_blocks_avx512<T, C, NV, 1, false>);
+  call(out, q, keys, values, context, next, heads, group, block_size, block_stride, slot_stride, head_stride, scale,
+       scores.data(), acc.data(), acc.data() + heads * 16 * NV, dp ? weights.data() : nullptr);
 }
 
 // Whether attend_request_avx512 serves this query dtype and head size on this CPU.
@@ -355,14 +488,20 @@ void attend_all(const at::Tensor& q, const at::Tensor& key_cache, const at::Tens
   const bool vector = vector_path<T>(head_dim);
   at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, query, acc;  // per thread, reused across its requests
+    std::vector<uint16_t> weights;
     for (int64_t lane = begin; lane < end; ++lane) {
       for (int64_t r = lane; r < n; r += lanes) {
         const int64_t offset = r * heads * head_dim, q_offset = r * q_stride;
         if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
           if (vector) {
+            auto context = [&](int64_t i) {
+              return Context{table_ptr + i * max_blocks, window > 0 ? std::max<int64_t>(0, len_ptr[i] - window) : 0,
+                             len_ptr[i]};
+            };
+            const Context next = r + lanes < n ? context(r + lanes) : Context{nullptr, 0, 0};
             const auto call = head_dim == 64 ? attend_request_avx512<T, C, 4> : attend_request_avx512<T, C, 8>;
-            call(out_ptr + offset, q_ptr + q_offset, k_ptr, v_ptr, table_ptr + r * max_blocks, len_ptr[r], window, heads,
-                 group, block_size, block_stride, slot_stride, head_stride, scale, scores, acc);
+            call(out_ptr + offset, q_ptr + q_offset, k_ptr, v_ptr, context(r), next, heads, group, block_size,
+                 block_stride, slot_stride, head_stride, scale, scores, acc, weights);
             continue;
           }
         }
