@@ -315,7 +315,8 @@ def test_an_int8_model_runs_its_layers_natively_with_the_python_layers_results(p
 
 
 @needs_ops
-def test_the_native_argmax_is_torch_argmax_with_ties_nans_and_infinities():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_native_argmax_is_torch_argmax_with_ties_nans_and_infinities(dtype):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(9, 1000, generator=g)
     logits[1, 7] = logits[1, 900] = 50.0  # a tie: the first index
@@ -324,12 +325,15 @@ def test_the_native_argmax_is_torch_argmax_with_ties_nans_and_infinities():
     logits[4, 333] = float("nan")  # a NaN counts as the largest
     logits[5, 999] = 60.0  # in the tail of the vector loop
     logits[6, 0] = 60.0
+    logits = logits.to(dtype)  # bf16: many more ties, each still the first index
     out = torch.ops.tessera.argmax_rows(logits)
     assert out.dtype == torch.int64 and torch.equal(out, logits.argmax(dim=-1))
     for vocab in (1, 15, 17, 32000):  # below, at and past one vector of 16
-        x = torch.randn(4, vocab, generator=g)
+        x = torch.randn(4, vocab, generator=g).to(dtype)
         assert torch.equal(torch.ops.tessera.argmax_rows(x), x.argmax(dim=-1))
     assert torch.equal(torch.ops.tessera.argmax_rows(logits[:, ::2]), logits[:, ::2].argmax(dim=-1))  # strided
+    rows = logits[:, :999]  # rows apart, as a padded head narrowed to the vocabulary
+    assert torch.equal(torch.ops.tessera.argmax_rows(rows), rows.argmax(dim=-1))
 
 
 @needs_ops

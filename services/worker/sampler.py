@@ -90,8 +90,9 @@ class Sampler:
         return plain_greedy(row.params, len(row.output_token_ids))
 
     def greedy(self, logits: torch.Tensor) -> list[int]:
-        """What __call__ picks for rows that are all plain_greedy, with no masks and no logprobs: the argmax."""
-        return argmax(logits[:, : self.vocab_size].float()).tolist()
+        """What __call__ picks for rows that are all plain_greedy, with no masks and no logprobs: the argmax (of
+        float32 or bf16 logits alike: widening them would not change it)."""
+        return argmax(logits[:, : self.vocab_size]).tolist()
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Processes `logits` (a private copy, modified in place) and picks one token per row."""
@@ -272,7 +273,8 @@ def plain_greedy(params: SamplingParams, num_output_tokens: int) -> bool:
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1) (first index on ties); on the CPU the native kernel's (kernels/decode_ops_cpu.cpp),
     16 values a step where PyTorch's goes one by one (~2 ms for 64 rows of a 32000-token vocabulary)."""
-    if logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[1] > 0 and _native_argmax():
+    if (logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[1] > 0
+            and logits.dtype in (torch.float32, torch.bfloat16) and _native_argmax()):
         return torch.ops.tessera.argmax_rows(logits)
     return logits.argmax(dim=-1)
 

@@ -289,7 +289,8 @@ class Worker:
             hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
         if not (sample_rows or prompt_rows):  # a prefill chunk that samples nothing: no logits (on every rank)
             return result
-        logits = self.model.compute_logits(hidden[self._tensor(sample_rows + prompt_rows)])
+        greedy = not prompt_rows and self._all_plain_greedy(sampling, plan.token_masks)  # an argmax, any dtype
+        logits = self.model.compute_logits(hidden[self._tensor(sample_rows + prompt_rows)], float32=not greedy)
         if logits is None:  # a rank other than 0: take rank 0's tokens
             for (_, state), token_id in zip(sampling, self.tp.broadcast_ids([0] * len(sampling)), strict=True):
                 state.token_ids.append(token_id)

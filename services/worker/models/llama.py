@@ -183,12 +183,15 @@ class LlamaForCausalLM(nn.Module):
                 meta.block_tables, meta.seq_lens, meta.slot_mapping, layer.scale, layer.window)
         return self.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """float32 logits over the whole vocabulary; under tensor parallelism on rank 0 only (None elsewhere)."""
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor | None:
+        """Logits over the whole vocabulary; under tensor parallelism on rank 0 only (None elsewhere). float32, or
+        with float32=False on one rank the activations' dtype: all a greedy pick needs, without the copy."""
         if hasattr(self, "lm_head"):  # untied, or a packed copy of the tied table (models/packed_linear.py)
-            logits = self.lm_head(hidden).float()
+            logits = self.lm_head(hidden)
         else:
-            logits = F.linear(hidden, self.embed_tokens.weight).float()
+            logits = F.linear(hidden, self.embed_tokens.weight)
+        if float32 or self.tp.size > 1:
+            logits = logits.float()
         return self.tp.gather_vocab(logits, self.config.vocab_size)
 
     @torch.no_grad()
