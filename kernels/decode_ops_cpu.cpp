@@ -27,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "vec_exp.h"
@@ -41,20 +42,89 @@ inline float round_to(float v) {
 
 constexpr int64_t LANES = 16;  // partial sums, so that the compiler keeps the sum of squares in vector lanes
 
+// 16 values at a time with AVX-512, rounding exactly as the scalar loops (and PyTorch) do: the compiler cannot
+// vectorize c10::BFloat16's conversions (a NaN branch apiece), which left SiLU * up at ~0.5 ns a value on two
+// threads, more than its bytes take to stream. Widening bf16 is a shift; narrowing rounds to nearest even, NaN
+// to 0x7FC0, as c10 does.
+__attribute__((target("avx512f"))) inline __m512 widen16(const float* x) { return _mm512_loadu_ps(x); }
+__attribute__((target("avx512f"))) inline __m512 widen16(const c10::BFloat16* x) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// The bf16 bit patterns of 16 floats, in the low half of each 32-bit lane.
+__attribute__((target("avx512f"))) inline __m512i bf16_bits16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+// round_to<T> of 16 floats.
+template <typename T>
+__attribute__((target("avx512f"))) inline __m512 round16(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16));
+  }
+}
+
+__attribute__((target("avx512f"))) inline void store16(float* x, __m512 v) { _mm512_storeu_ps(x, v); }
+__attribute__((target("avx512f"))) inline void store16(c10::BFloat16* x, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), _mm512_cvtepi32_epi16(bf16_bits16(v)));
+}
+
+// float32 and bfloat16 (the dispatch macros also instantiate double, which the ops refuse).
+template <typename T>
+constexpr bool VECTOR16 = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+// One row of add_rms_norm (see add_rms_norm_rows), its first dim / 16 * 16 values 16 at a time; returns the
+// partial sums of squares lane by lane, in the scalar loop's order; with a residual rr, of the sums, which go to sr.
+template <typename T>
+__attribute__((target("avx512f"))) inline void sum_squares16(const T* xr, const T* rr, T* sr, int64_t full,
+                                                             float* partial) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < full; i += 16) {
+    __m512 v = widen16(xr + i);
+    if (rr != nullptr) {
+      v = round16<T>(_mm512_add_ps(v, widen16(rr + i)));
+      store16(sr + i, v);
+    }
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+  }
+  _mm512_storeu_ps(partial, acc);
+}
+
+template <typename T>
+__attribute__((target("avx512f"))) inline void scale16(const T* xr, const T* weight, T* o, int64_t full, float inv) {
+  const __m512 s = _mm512_set1_ps(inv);
+  for (int64_t j = 0; j < full; j += 16)
+    store16(o + j, _mm512_mul_ps(widen16(weight + j), round16<T>(_mm512_mul_ps(widen16(xr + j), s))));
+}
+
 template <typename T>
 void add_rms_norm_rows(const T* x, const T* residual, const T* weight, T* out, T* sum, int64_t rows, int64_t dim,
                        float eps) {
+  const bool vector = tessera_vec::has_avx512();
+  const int64_t full = dim / LANES * LANES;  // the rest, scalar
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * dim;
       T* sr = sum + r * dim;
-      if (residual != nullptr) {  // x + residual, rounded to T: the residual stream the next layer adds to
-        const T* rr = residual + r * dim;
-        for (int64_t i = 0; i < dim; ++i) sr[i] = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
-        xr = sr;
-      }
+      const T* rr = residual != nullptr ? residual + r * dim : nullptr;
       float partial[LANES] = {};
       int64_t i = 0;
+      if constexpr (VECTOR16<T>) {
+        if (vector) {
+          sum_squares16(xr, rr, sr, full, partial);
+          i = full;
+        }
+      }
+      if (rr != nullptr) {  // x + residual, rounded to T: the residual stream the next layer adds to
+        for (int64_t j = i; j < dim; ++j) sr[j] = static_cast<T>(static_cast<float>(xr[j]) + static_cast<float>(rr[j]));
+        xr = sr;
+      }
       for (; i + LANES <= dim; i += LANES)
         for (int64_t l = 0; l < LANES; ++l) partial[l] += static_cast<float>(xr[i + l]) * static_cast<float>(xr[i + l]);
       float squares = 0.f;
@@ -63,7 +133,14 @@ void add_rms_norm_rows(const T* x, const T* residual, const T* weight, T* out, T
       const float inv = 1.0f / std::sqrt(squares / static_cast<float>(dim) + eps);
       T* o = out + r * dim;
       // (x * rsqrt(mean + eps)) in float, cast to T, then times the weight in T: the order transformers uses.
-      for (int64_t j = 0; j < dim; ++j)
+      int64_t j = 0;
+      if constexpr (VECTOR16<T>) {
+        if (vector) {
+          scale16(xr, weight, o, full, inv);
+          j = full;
+        }
+      }
+      for (; j < dim; ++j)
         o[j] = static_cast<T>(static_cast<float>(weight[j]) * round_to<T>(static_cast<float>(xr[j]) * inv));
     }
   });
@@ -145,6 +222,18 @@ void rotary_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::
   });
 }
 
+// out[i] = SiLU(gate[i]) * up[i] for i < count (a multiple of 16), SiLU = x / (1 + exp(-x)) rounded to T first.
+template <typename T>
+__attribute__((target("avx512f"))) inline void silu_mul16(const T* gate, const T* up, T* out, int64_t count) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < count; i += 16) {
+    const __m512 x = widen16(gate + i);
+    const __m512 e = tessera_vec::exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m512 silu = round16<T>(_mm512_div_ps(x, _mm512_add_ps(one, e)));
+    store16(out + i, _mm512_mul_ps(silu, widen16(up + i)));
+  }
+}
+
 // gate_up [rows, 2 * inter] (gate, then up) -> SiLU(gate) * up [rows, inter]; SiLU rounded to the dtype before
 // the product, as F.silu(gate) * up rounds.
 at::Tensor silu_mul(const at::Tensor& gate_up) {
@@ -164,7 +253,14 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* gate = gp + r * 2 * inter;
         const scalar_t* up = gate + inter;
-        for (int64_t i0 = 0; i0 < inter; i0 += CHUNK) {
+        int64_t done = 0;
+        if constexpr (VECTOR16<scalar_t>) {
+          if (tessera_vec::has_avx512()) {
+            done = inter / 16 * 16;
+            silu_mul16(gate, up, op + r * inter, done);
+          }
+        }
+        for (int64_t i0 = done; i0 < inter; i0 += CHUNK) {
           const int64_t len = std::min(CHUNK, inter - i0);
           for (int64_t i = 0; i < len; ++i) neg[i] = -static_cast<float>(gate[i0 + i]);
           if (tessera_vec::has_avx512()) {
@@ -187,18 +283,12 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // step with AVX-512: a greedy step's pick over the vocabulary, which PyTorch's CPU argmax does one value at a time
 // (~2 ms for 64 rows of 32000 on the 2-core EPYC). bf16 logits are read as they are (widening is exact, so the
 // pick is the one their float32 copy would give, without the copy: ~0.3 ms a step of 64 rows).
-__attribute__((target("avx512f"))) inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-__attribute__((target("avx512f"))) inline __m512 load16(const c10::BFloat16* x) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
 template <typename T>
 __attribute__((target("avx512f"))) int64_t argmax_avx512(const T* x, int64_t count) {
   __m512 best = _mm512_set1_ps(-INFINITY);
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) {
-    const __m512 v = load16(x + i);
+    const __m512 v = widen16(x + i);
     if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0) return -1;  // a NaN: the caller's scalar loop finds it
     best = _mm512_max_ps(best, v);
   }
@@ -210,7 +300,7 @@ __attribute__((target("avx512f"))) int64_t argmax_avx512(const T* x, int64_t cou
   }
   const __m512 target = _mm512_set1_ps(m);
   for (i = 0; i + 16 <= count; i += 16) {
-    const __mmask16 hit = _mm512_cmp_ps_mask(load16(x + i), target, _CMP_EQ_OQ);
+    const __mmask16 hit = _mm512_cmp_ps_mask(widen16(x + i), target, _CMP_EQ_OQ);
     if (hit != 0) return i + __builtin_ctz(hit);
   }
   for (; i < count; ++i)
