@@ -46,7 +46,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "batch size on the native kernels' one packed copy")
     parser.add_argument("--quantization", default=None, choices=["int8"],
                         help="CPU: int8 linear layers (weights per channel at load, activations per token; oneDNN's "
-                             "int8 GEMM), about a quarter of float32's weight bytes")
+                             "int8 GEMM), about a quarter of float32's weight bytes; an int8 checkpoint "
+                             "(compressed-tensors W8A8) runs in int8 without it, on its own values")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                         help="auto: keys and values in the model's dtype; int8 (CPU): int8 with a float32 scale per "
                              "token and head, about half of bfloat16's bytes (twice the tokens in --kv-cache-memory, "

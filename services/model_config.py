@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from tessera.int8_checkpoint import Int8Checkpoint, read_int8_checkpoint
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 ARCHITECTURE_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -55,6 +57,7 @@ class ModelConfig:
     mlp_bias: bool = False
     # Which layers use the sliding window: all of them for Mistral, the top ones for Qwen (max_window_layers).
     sliding_window_layers: list[bool] = field(default_factory=list)
+    int8_checkpoint: Int8Checkpoint | None = None  # int8 ahead of time (compressed-tensors W8A8)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -119,6 +122,7 @@ class ModelConfig:
             o_proj_bias=attention_bias,
             mlp_bias=architecture == "LlamaForCausalLM" and bool(config.get("mlp_bias", False)),
             sliding_window_layers=sliding_window_layers,
+            int8_checkpoint=read_int8_checkpoint(config, config_path, CheckpointError),
         )
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from tessera.worker.attention.backend import AttentionBackend
 from tessera.model_config import CheckpointError, ModelConfig
 from tessera.worker.models import model_class
+from tessera.worker.models.int8_linear import add_weight_scales
 from tessera.worker.models.rope import RotaryEmbedding
 from tessera.worker.tensor_parallel import SINGLE, TensorParallel
 
@@ -67,6 +68,8 @@ def load_model(model_dir: str | Path, attn_backend: AttentionBackend, dtype: str
     # Build on the meta device, then allocate: random init would be wasted, every weight comes from the checkpoint.
     with torch.device("meta"), _default_dtype(config.dtype):
         model = model_class(config.architecture)(config, attn_backend, tp)
+    if config.int8_checkpoint is not None:  # the int8 layers' scales load beside their weights
+        add_weight_scales(model, config.int8_checkpoint)
     model.to_empty(device=device)
     model.load_weights(iter_weights(model_dir, lazy=True))
     for module in model.modules():

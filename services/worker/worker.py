@@ -85,6 +85,12 @@ class Worker:
         if self.device.type == "cpu":
             keep_large_allocations_in_heap()
         self.quantization = config.quantization
+        if mc.int8_checkpoint is not None:  # int8 ahead of time: only the int8 layers can run it
+            if self.quantization not in (None, "int8"):
+                raise ValueError(f"quantization: {self.quantization!r}, but {config.model} is an int8 checkpoint "
+                                 "(compressed-tensors W8A8): leave --quantization out, or say int8")
+            log.info("int8 checkpoint (compressed-tensors W8A8): its int8 weights and scales are served as stored")
+            self.quantization = "int8"
         if self.quantization is not None:
             if self.quantization not in QUANTIZATIONS:
                 raise ValueError(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")

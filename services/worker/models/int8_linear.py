@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tessera.int8_checkpoint import Int8Checkpoint
 from tessera.kernels import paged_attention_cpu
+from tessera.model_config import CheckpointError
 from tessera.worker.models.packed_linear import padded_rows, replace_linear_layers
 
 NATIVE_ROWS = 4  # up to this many rows (decode of a few requests) the native kernel; above, oneDNN's GEMM
@@ -46,10 +48,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """y = x W^T + b with W in int8 per output channel and x quantized per token on the fly."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None):
+        """weight: float [out, in], quantized here; or, with `scale` ([out, 1]: a pre-quantized checkpoint's, see
+        int8_checkpoint.py), its int8 values already, held in a float tensor, which holds them exactly."""
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        values, scale = quantize_rows(weight.detach())
+        if scale is None:
+            values, scale = quantize_rows(weight.detach())
+        else:
+            values = weight.detach().to(torch.int8)
         self.weight = values  # [out, in], row-major: the native kernel's layout
         self.weight_sums = values.sum(dim=1, dtype=torch.int32)  # the kernel's VNNI path takes them back off
         self.weight_t = values.t()  # [in, out]: _int_mm's layout, a view of the same bytes
@@ -79,5 +86,38 @@ QUANTIZATIONS = ("int8",)
 
 
 def quantize_linear_layers(model: nn.Module) -> int:
-    """Replaces the model's nn.Linear layers and its LM head with Int8Linear; returns how many."""
-    return replace_linear_layers(model, Int8Linear)
+    """Replaces the model's nn.Linear layers and its LM head with Int8Linear; returns how many. Layers a
+    pre-quantized checkpoint filled (add_weight_scales) keep its int8 values and scales; the rest are quantized."""
+    count = 0
+    for module_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and hasattr(child, "weight_scale"):
+                values = child.weight.detach()
+                if not (torch.equal(values, values.round()) and values.abs().max() <= 128):
+                    raise CheckpointError(f"{module_name}.{name}: its weight is not int8 values, though "
+                                          "quantization_config says the checkpoint stores them so")
+                setattr(parent, name, Int8Linear(values, child.bias, child.weight_scale.detach().float()))
+                count += 1
+    return count + replace_linear_layers(model, Int8Linear)
+
+
+def add_weight_scales(model: nn.Module, checkpoint: Int8Checkpoint) -> int:
+    """Gives each linear layer that the int8 checkpoint holds quantized a float32 `weight_scale` [out, 1] to load
+    (a fused layer's parts side by side, as its weight's rows); returns how many. Call on the unloaded model."""
+    count = 0
+    fused = getattr(model, "FUSED", {})
+    for module_name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        hf_name = module_name if module_name.startswith("lm_head") else f"model.{module_name}"
+        parent, _, leaf = hf_name.rpartition(".")
+        parts = [f"{parent}.{part}" if parent else part for part in fused.get(leaf, (leaf,))]
+        quantized = [checkpoint.quantized(part) for part in parts]
+        if any(quantized) != all(quantized):
+            raise CheckpointError(f"quantization_config.ignore leaves only some of {', '.join(parts)} in floating "
+                                  f"point; tessera runs them as one layer ({hf_name})")
+        if all(quantized):
+            module.weight_scale = nn.Parameter(torch.empty(module.out_features, 1, dtype=torch.float32,
+                                                           device=module.weight.device), requires_grad=False)
+            count += 1
+    return count
