@@ -213,3 +213,58 @@ def test_the_demo_model_written_as_an_int8_checkpoint_serves_what_quantization_i
     for ours, reference in zip(*runs):
         assert ours.token_ids == reference.token_ids
         assert [e.logprob for e in ours.prompt_logprobs[1:]] == [e.logprob for e in reference.prompt_logprobs[1:]]
+
+
+def rank_int8_layers(rank: int, model_dir: str, port: int, out) -> None:
+    import os
+
+    from tessera.worker.attention.torch_backend import TorchAttentionBackend
+    from tessera.worker.checkpoint import load_model
+    from tessera.worker.models.int8_linear import quantize_linear_layers
+    from tessera.worker.tensor_parallel import init_tensor_parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model, _ = load_model(model_dir, TorchAttentionBackend(), "float32", tp=init_tensor_parallel(2, rank))
+    quantize_linear_layers(model)
+    layer = model.layers[0]
+    modules = {"qkv_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
+               "gate_up_proj": layer.mlp.gate_up_proj, "down_proj": layer.mlp.down_proj}
+    # As lists: a tensor sent through the queue lives in shared memory that goes away with this process.
+    out.put((rank, {name: (m.weight.tolist(), m.weight_scale.tolist()) for name, m in modules.items()}))
+    torch.distributed.destroy_process_group()
+
+
+def test_each_tensor_parallel_rank_loads_its_share_of_the_int8_values_and_scales(checkpoints):
+    """Column-parallel layers (qkv, gate/up): the rank's rows and their scales; row-parallel ones (o, down): its
+    columns, with every output channel's scale."""
+    import multiprocessing
+
+    from servers import free_port
+
+    _, target = checkpoints
+    context = multiprocessing.get_context("spawn")
+    out, port = context.Queue(), free_port()
+    ranks = [context.Process(target=rank_int8_layers, args=(r, str(target), port, out)) for r in range(2)]
+    for process in ranks:
+        process.start()
+    shares = dict(out.get(timeout=120) for _ in ranks)
+    for process in ranks:
+        process.join(30)
+    t = load_file(target / "model.safetensors")
+    attn, mlp = "model.layers.0.self_attn", "model.layers.0.mlp"
+    for rank, layers in shares.items():
+        # The tiny llama: 4 heads of 16 (32 rows a rank), 2 KV heads (16), intermediate 128 (64).
+        q, kv, inter = (slice(rows * rank, rows * (rank + 1)) for rows in (32, 16, 64))
+        expected = {
+            "qkv_proj": [torch.cat([t[f"{attn}.q_proj.{k}"][q], t[f"{attn}.k_proj.{k}"][kv],
+                                    t[f"{attn}.v_proj.{k}"][kv]]) for k in ("weight", "weight_scale")],
+            "o_proj": [t[f"{attn}.o_proj.weight"][:, q], t[f"{attn}.o_proj.weight_scale"]],
+            "gate_up_proj": [torch.cat([t[f"{mlp}.gate_proj.{k}"][inter], t[f"{mlp}.up_proj.{k}"][inter]])
+                             for k in ("weight", "weight_scale")],
+            "down_proj": [t[f"{mlp}.down_proj.weight"][:, inter], t[f"{mlp}.down_proj.weight_scale"]],
+        }
+        for name, (values, scale) in expected.items():
+            weight, weight_scale = layers[name]
+            assert weight == values.tolist(), (rank, name)
+            assert weight_scale == scale.float().T.tolist(), (rank, name)
