@@ -183,26 +183,23 @@ def test_a_fused_layer_half_ignored_and_another_quantization_are_refused(tmp_pat
         Worker(WorkerConfig(str(target), "float32", "cpu", kv_cache_memory=1 << 22, quantization="int4"))
 
 
-def test_the_demo_model_written_as_an_int8_checkpoint_serves_what_quantization_int8_serves(tmp_path):
-    """The demo model's projections written as tessera's own load-time int8 (127 levels a row, float32 scales)
-    in compressed-tensors' format: the same tokens and prompt logprobs as --quantization int8 on the float model."""
-    import shutil
-
+def test_tessera_quantize_writes_the_demo_model_as_an_int8_checkpoint_that_serves_what_quantization_int8_serves(
+        tmp_path, capsys):
+    """`tessera quantize`: the demo model's projections at the per-channel values --quantization int8 computes at
+    load, in compressed-tensors' format; the same tokens and prompt logprobs as --quantization int8 on the float
+    model, from half the file."""
+    from tessera.cli import main
     from tessera.tokenizer.tokenizer import Tokenizer
-    from tessera.worker.models.int8_linear import quantize_rows
 
     demo = Path(__file__).resolve().parents[1] / "models" / "tessera-demo"
     target = tmp_path / "demo-w8a8"
-    shutil.copytree(demo, target)
-    tensors = load_file(demo / "model.safetensors")
-    for name in [n for n in tensors if PROJECTION.fullmatch(n)]:
-        tensors[name], tensors[name.removesuffix("weight") + "weight_scale"] = quantize_rows(tensors[name])
-    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((demo / "config.json").read_text())
-    (target / "config.json").write_text(json.dumps({**config, "quantization_config": SCHEME}))
-    assert (target / "model.safetensors").stat().st_size < 0.6 * (demo / "model.safetensors").stat().st_size
+    assert main(["quantize", "--model", str(demo), "--output", str(target)]) == 0
+    assert "projections in int8" in capsys.readouterr().out
+    assert ModelConfig.from_pretrained(target).int8_checkpoint is not None
+    assert (target / "tokenizer.json").read_bytes() == (demo / "tokenizer.json").read_bytes()
+    assert (target / "model.safetensors").stat().st_size < 0.55 * (demo / "model.safetensors").stat().st_size
 
-    tokenizer = Tokenizer(demo)
+    tokenizer = Tokenizer(target)
     prompts = [tokenizer.encode(text) for text in ("def fibonacci(n):", "import os\nimport sys\n", "class Node:")]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, prompt_logprobs=0)
     runs = []
@@ -213,6 +210,12 @@ def test_the_demo_model_written_as_an_int8_checkpoint_serves_what_quantization_i
     for ours, reference in zip(*runs):
         assert ours.token_ids == reference.token_ids
         assert [e.logprob for e in ours.prompt_logprobs[1:]] == [e.logprob for e in reference.prompt_logprobs[1:]]
+
+    # Not over an existing checkpoint, and not twice.
+    assert main(["quantize", "--model", str(demo), "--output", str(target)]) == 1
+    assert "is not an empty directory" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(target), "--output", str(tmp_path / "again")]) == 1
+    assert "already an int8 checkpoint" in capsys.readouterr().err
 
 
 def rank_int8_layers(rank: int, model_dir: str, port: int, out) -> None:
