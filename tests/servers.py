@@ -18,6 +18,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(target, *args, world: int = 2, timeout: float = 120.0) -> dict:
+    """`target(rank, *args, port, out)` in `world` spawned processes that meet at a free loopback port (torch
+    distributed); each puts (rank, result) on `out`. Returns {rank: result}."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    out, port = context.Queue(), free_port()
+    ranks = [context.Process(target=target, args=(r, *args, port, out)) for r in range(world)]
+    for process in ranks:
+        process.start()
+    results = dict(out.get(timeout=timeout) for _ in ranks)
+    for process in ranks:
+        process.join(30)
+    return results
+
+
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None, options=None) -> grpc.Channel:
     """Plaintext, or TLS with `credentials`."""
     if credentials is None:

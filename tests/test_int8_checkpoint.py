@@ -241,19 +241,10 @@ def rank_int8_layers(rank: int, model_dir: str, port: int, out) -> None:
 def test_each_tensor_parallel_rank_loads_its_share_of_the_int8_values_and_scales(checkpoints):
     """Column-parallel layers (qkv, gate/up): the rank's rows and their scales; row-parallel ones (o, down): its
     columns, with every output channel's scale."""
-    import multiprocessing
-
-    from servers import free_port
+    from servers import run_ranks
 
     _, target = checkpoints
-    context = multiprocessing.get_context("spawn")
-    out, port = context.Queue(), free_port()
-    ranks = [context.Process(target=rank_int8_layers, args=(r, str(target), port, out)) for r in range(2)]
-    for process in ranks:
-        process.start()
-    shares = dict(out.get(timeout=120) for _ in ranks)
-    for process in ranks:
-        process.join(30)
+    shares = run_ranks(rank_int8_layers, str(target))
     t = load_file(target / "model.safetensors")
     attn, mlp = "model.layers.0.self_attn", "model.layers.0.mlp"
     for rank, layers in shares.items():

@@ -7,7 +7,6 @@ Real processes throughout: `tessera engine --tensor-parallel-size 2` starts its 
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import time
@@ -19,7 +18,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hf_reference import hf_model
-from servers import ServerProcess, free_port, wait_serving
+from servers import ServerProcess, free_port, run_ranks, wait_serving
 from tessera.engine.engine import EngineConfig, LLMEngine
 from tessera.engine.v1 import engine_pb2, engine_pb2_grpc
 from tessera.sampling_params import SamplingParams
@@ -131,14 +130,7 @@ def test_each_rank_holds_about_half_of_the_weights(tmp_path_factory):
 
     model, _ = load_model(model_dir, TorchAttentionBackend(), "float32")
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
-    context = multiprocessing.get_context("spawn")
-    out, port = context.Queue(), free_port()
-    ranks = [context.Process(target=rank_weight_bytes, args=(r, str(model_dir), port, out)) for r in range(2)]
-    for process in ranks:
-        process.start()
-    shares = dict(out.get(timeout=120) for _ in ranks)
-    for process in ranks:
-        process.join(30)
+    shares = run_ranks(rank_weight_bytes, str(model_dir))
     # Half of everything but the norms and rank 0's row-parallel biases, which are whole (a few hundred bytes).
     for rank, nbytes in shares.items():
         assert 0.5 * whole <= nbytes <= 0.52 * whole, (rank, nbytes, whole)
