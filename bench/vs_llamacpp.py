@@ -285,15 +285,26 @@ class LlamaServer:
                         "-c", str(slots * slot_context), "-ctk", kv, "-ctv", kv,
                         "--cache-ram", "0",  # no host-side prompt cache either: every prompt is prefilled
                         "--no-webui"]
-        self.log = log
+        self.model, self.log = model, log
+
+    # The models llama-server crashed on at start with their weights repacked (the AMX-INT8 buffer of Q8_0
+    # segfaults in its warm-up on some Xeons, llama.cpp #20824); they then run with --no-repack, its plain kernels.
+    no_repack: set[Path] = set()
 
     def __enter__(self) -> "LlamaServer":
+        command = self.command + (["--no-repack"] if self.model in LlamaServer.no_repack else [])
         with self.log.open("a") as log:
-            log.write(f"\n$ {' '.join(self.command)}\n")
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+            log.write(f"\n$ {' '.join(command)}\n")
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # /health answers 503 while the model loads, 200 once it serves
             if self.process.poll() is not None:
+                if self.process.returncode < 0 and self.model not in LlamaServer.no_repack:
+                    print(f"llama-server died of signal {-self.process.returncode} at start with its weights "
+                          f"repacked (AMX / CPU_REPACK buffers); {self.model.name} runs with --no-repack from here on",
+                          flush=True)
+                    LlamaServer.no_repack.add(self.model)
+                    return self.__enter__()
                 raise RuntimeError(f"llama-server exited with {self.process.returncode}; see {self.log}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as response:
@@ -433,7 +444,8 @@ def report(name: str, precision: Precision, tessera_kv: str, kv: str, sizes: Siz
         rows.append((f"prefill {sizes.prefill} tokens, tok/s", sizes.prefill / best(ts, "prefill_s"),
                      sizes.prefill / best(lc, "prefill_s"), None))
     print(f"\n{name}: tessera {' '.join(precision.tessera)} --kv-cache-dtype {tessera_kv}; llama.cpp {precision.gguf} "
-          f"GGUF, KV cache {kv}")
+          f"GGUF, KV cache {kv}" + (", --no-repack" if any(precision.gguf in m.name for m in LlamaServer.no_repack)
+                                    else ""))
     print(f"{'':<34}{'tessera':>10}{'llama.cpp':>11}{'ratio':>8}   goal")
     for label, ours, theirs, goal in rows:
         if "CPU" in label:  # the clients' cost (gRPC's vs HTTP's), no ratio of the servers
