@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -142,6 +143,105 @@ std::string int8_dot() {
   }
 }
 
+// Rows [r0, r1) of x [rows, k] quantized as quantize_rows does: scale = amax|x| / 127 (1 for an all-zero row),
+// values = round(x / scale) (half to even, like torch.round) clamped to +-127. The vector path does the same
+// IEEE operations per element (a true division, not a reciprocal), so both give quantize_rows' bytes.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_rows_avx512(const float* x, int64_t k, int64_t r0,
+                                                                       int64_t r1, int8_t* q, float* scale) {
+  const __m512 limit = _mm512_set1_ps(127.f), low = _mm512_set1_ps(-127.f);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * k;
+    __m512 m = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
+    float amax = _mm512_reduce_max_ps(m);
+    for (; i < k; ++i) amax = std::max(amax, std::fabs(xr[i]));
+    const float s = amax / 127.0f;
+    scale[r] = s > 0.f ? s : 1.0f;
+    const __m512 by = _mm512_set1_ps(scale[r]);
+    for (i = 0; i < k; i += 16) {
+      const __mmask16 lanes = k - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (k - i)) - 1);
+      __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, xr + i), by),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm512_min_ps(limit, _mm512_max_ps(low, v));
+      _mm_mask_storeu_epi8(q + r * k + i, lanes, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+    }
+  }
+}
+
+void quantize_rows_into(const float* x, int64_t rows, int64_t k, int8_t* q, float* scale) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    if (avx512) return quantize_rows_avx512(x, k, begin, end, q, scale);
+    for (int64_t r = begin; r < end; ++r) {
+      float amax = 0.f;
+      for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[r * k + i]));
+      const float s = amax / 127.0f;
+      scale[r] = s > 0.f ? s : 1.0f;
+      for (int64_t i = 0; i < k; ++i) {
+        const float v = std::nearbyint(x[r * k + i] / scale[r]);
+        q[r * k + i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+      }
+    }
+  });
+}
+
+// The batched layer's ends around oneDNN's int8 GEMM (torch._int_mm), each one pass instead of a chain of small
+// PyTorch ops (~2/3 of the layer's time at 64 rows): x [rows, k] -> (values [padded, k] int8, zero rows past
+// `rows`; scale [rows, 1] float32), as quantize_rows gives them.
+std::tuple<at::Tensor, at::Tensor> int8_quantize_rows(const at::Tensor& x, int64_t padded) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && padded >= x.size(0), "int8_quantize_rows: x [rows, k] on the CPU");
+  const int64_t rows = x.size(0), k = x.size(1);
+  const auto xf = x.to(at::kFloat).contiguous();
+  auto values = at::empty({padded, k}, x.options().dtype(at::kChar));
+  auto scale = at::empty({rows, 1}, x.options().dtype(at::kFloat));
+  quantize_rows_into(xf.const_data_ptr<float>(), rows, k, values.mutable_data_ptr<int8_t>(),
+                     scale.mutable_data_ptr<float>());
+  if (padded > rows) values.narrow(0, rows, padded - rows).zero_();
+  return {values, scale};
+}
+
+// (acc * x_scale) * weight_scale + bias in x's dtype, for the first rows of acc [>= rows, n] int32 (x_scale
+// [rows, 1], weight_scale [1, n] float32, bias [n] float32 or none): the PyTorch path's operations in its order.
+template <typename T>
+void rescale_rows(const int32_t* acc, const float* xs, const float* ws, const float* bias, int64_t rows, int64_t n,
+                  T* out) {
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t j = 0; j < n; ++j) {
+        float y = static_cast<float>(acc[r * n + j]) * xs[r];
+        y = y * ws[j];
+        if (bias != nullptr) y = y + bias[j];
+        out[r * n + j] = static_cast<T>(y);
+      }
+  });
+}
+
+at::Tensor int8_rescale(const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& weight_scale,
+                        const c10::optional<at::Tensor>& bias, at::ScalarType dtype) {
+  const int64_t rows = x_scale.size(0), n = acc.size(1);
+  TORCH_CHECK(acc.scalar_type() == at::kInt && acc.dim() == 2 && acc.size(0) >= rows && weight_scale.numel() == n &&
+                  x_scale.scalar_type() == at::kFloat && weight_scale.scalar_type() == at::kFloat,
+              "int8_rescale: int32 sums [>= rows, n], float32 scales [rows, 1] and [1, n]");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int8_rescale: float32 or bfloat16 out");
+  const auto a = acc.contiguous(), xs = x_scale.contiguous(), ws = weight_scale.contiguous();
+  at::Tensor bc;
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->to(at::kFloat).contiguous();
+    b = bc.const_data_ptr<float>();
+  }
+  auto out = at::empty({rows, n}, acc.options().dtype(dtype));
+  if (dtype == at::kFloat)
+    rescale_rows(a.const_data_ptr<int32_t>(), xs.const_data_ptr<float>(), ws.const_data_ptr<float>(), b, rows, n,
+                 out.mutable_data_ptr<float>());
+  else
+    rescale_rows(a.const_data_ptr<int32_t>(), xs.const_data_ptr<float>(), ws.const_data_ptr<float>(), b, rows, n,
+                 out.mutable_data_ptr<at::BFloat16>());
+  return out;
+}
+
 // x [m, k] (float32 or bfloat16), weight [n, k] int8, weight_scale [n] float32, weight_sums [n] int32 (each
 // row's sum), bias [n] float32 or none. Returns [m, n] in x's dtype: round(x / s_x) . w * s_x * s_w + b, with
 // s_x = max|x| / 127 per row.
@@ -165,24 +265,10 @@ at::Tensor int8_linear_rows(const at::Tensor& x, const at::Tensor& weight, const
     b = bc.const_data_ptr<float>();
   }
 
-  // Per row, as quantize_rows does: scale = amax|x| / 127 (1 for an all-zero row), values = round(x / scale)
-  // (half to even, like torch.round) clamped to +-127.
   const auto sums = weight_sums.contiguous();
   std::vector<int8_t> q(rows * k);
   std::vector<float> scale(rows);
-  const float* xp = xf.const_data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      float amax = 0.f;
-      for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(xp[r * k + i]));
-      const float s = amax / 127.0f;
-      scale[r] = s > 0.f ? s : 1.0f;
-      for (int64_t i = 0; i < k; ++i) {
-        const float v = std::nearbyint(xp[r * k + i] / scale[r]);
-        q[r * k + i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
-      }
-    }
-  });
+  quantize_rows_into(xf.const_data_ptr<float>(), rows, k, q.data(), scale.data());
 
   const Dot dot = best_dot();
   std::vector<uint8_t> u(dot == Dot::vnni ? rows * k : 0);
@@ -237,4 +323,8 @@ TORCH_LIBRARY_FRAGMENT(tessera, m) {
   m.def("int8_linear_rows(Tensor x, Tensor weight, Tensor weight_scale, Tensor weight_sums, Tensor? bias) -> Tensor");
   m.impl("int8_linear_rows", c10::DispatchKey::CPU, TORCH_FN(int8_linear_rows));
   m.def("int8_dot() -> str", &int8_dot);
+  m.def("int8_quantize_rows(Tensor x, int padded) -> (Tensor, Tensor)");
+  m.impl("int8_quantize_rows", c10::DispatchKey::CPU, TORCH_FN(int8_quantize_rows));
+  m.def("int8_rescale(Tensor acc, Tensor x_scale, Tensor weight_scale, Tensor? bias, ScalarType dtype) -> Tensor");
+  m.impl("int8_rescale", c10::DispatchKey::CPU, TORCH_FN(int8_rescale));
 }

@@ -51,14 +51,17 @@ for k, n in ((512, 1024), (1408, 96), (77, 33)):  # 77: not a whole number of ve
         assert layer.native is not None, "the native int8 kernel did not build"
         layer.native_rows = 1 << 62  # more rows run natively on CPUs without AVX-512: check those here too
         for dtype in (torch.float32, torch.bfloat16):
-            for rows in (*range(1, NATIVE_ROWS + 1), 5, 64):
+            for rows in (*range(1, NATIVE_ROWS + 1), 5, 64, 130):  # 130: padded for oneDNN
                 x = (torch.randn(rows, k) * 3).to(dtype)
                 x[0] = 0.0  # an all-zero row: scale 1
                 native = layer(x)
+                layer.native_rows = NATIVE_ROWS  # above it: oneDNN's GEMM between the native quantize and rescale
+                batched = layer(x)
                 kernel, layer.native = layer.native, None
                 reference = layer(x)  # the PyTorch path: quantize, oneDNN's GEMM, rescale
-                layer.native = kernel
+                layer.native, layer.native_rows = kernel, 1 << 62
                 assert native.dtype == reference.dtype and torch.equal(native, reference), (k, n, dtype, rows)
+                assert batched.dtype == reference.dtype and torch.equal(batched, reference), (k, n, dtype, rows)
 print("identical")
 """
 
