@@ -22,9 +22,10 @@ answered whole (no streaming) beside it; one stream (32-token prompt, --single-t
 one prefill of --prefill tokens -> tok/s. llama-server runs with -t/-tb = --threads (tessera: OMP_NUM_THREADS),
 --parallel --llamacpp-slots -cb for the many streams and --parallel 1 for the rest, a KV cache in tessera's dtype
 (f32, bf16; q8_0 when tessera runs --kv-cache-dtype int8; --llamacpp-kv f16 gives it its own default), no prompt
-cache; tessera with --no-prefix-caching, since rounds repeat the prompts. Every response's tokens are counted, and
-the greedy tokens of both servers are compared (the share of identical leading tokens: at fp32, a check of the
-conversion, not of speed).
+cache; tessera with --no-prefix-caching, since rounds repeat the prompts. A model llama-server dies on at start
+with its weights repacked (its AMX-INT8 Q8_0 buffer, on some Xeons) is rerun with --no-repack, and the report says
+so. Every response's tokens are counted, and the greedy tokens of both servers are compared (the share of
+identical leading tokens: at fp32, a check of the conversion, not of speed).
 Goals (issue #13): one stream >= 1.0x llama.cpp, many streams >= 3x.
 """
 from __future__ import annotations
