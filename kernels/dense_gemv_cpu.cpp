@@ -17,6 +17,8 @@
 
 #include <omp.h>
 
+#include "step_team.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -246,13 +248,6 @@ void unit(bool bf16, const void* x, int64_t k, const at::Tensor& packed, int64_t
   }
 }
 
-// The next unit of a thread's share, claimed one at a time so that a thread done early can take over the rest
-// of another's share; on its own cache line, as both may touch it.
-struct alignas(64) Share {
-  std::atomic<int64_t> next;
-  int64_t end;
-};
-
 template <int ROWS>
 void run_rows(const at::Tensor& x, const at::Tensor& packed, const float* bias, int64_t n, at::Tensor& out) {
   const int64_t k = x.size(1), units = packed.size(0);
@@ -273,24 +268,8 @@ void run_rows(const at::Tensor& x, const at::Tensor& packed, const float* bias, 
     }
   }
   const void* xs = bf16 ? static_cast<const void*>(pairs.data()) : static_cast<const void*>(x.const_data_ptr<float>());
-  // Each thread streams its own contiguous share front to back: one sequential read that the prefetches run
-  // ahead of (units handed out in turn made every thread jump between far-apart units: ~1.5x slower). A thread
-  // done with its share helps with the next unfinished one, so that a thread that lost its core to the
-  // server's other threads leaves its share to the rest rather than holding up the whole step.
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), units));
-  std::vector<Share> shares(threads);
-  for (int t = 0; t < threads; ++t) {
-    shares[t].next.store(units * t / threads, std::memory_order_relaxed);
-    shares[t].end = units * (t + 1) / threads;
-  }
-#pragma omp parallel num_threads(threads) if (threads > 1 && !omp_in_parallel())
-  {
-    const int me = omp_get_thread_num();  // 0 when the region runs on this thread alone
-    for (int i = 0; i < threads; ++i) {
-      Share& share = shares[(me + i) % threads];
-      for (int64_t u = share.next++; u < share.end; u = share.next++) unit<ROWS>(bf16, xs, k, packed, u, n, bias, out);
-    }
-  }
+  tessera_team::for_each_unit(static_cast<int>(at::get_num_threads()), units,
+                              [&](int64_t u) { unit<ROWS>(bf16, xs, k, packed, u, n, bias, out); });
 }
 
 // The path gemv takes for the dtype on this CPU: avx512 (AVX512-BF16 for bfloat16), else avx2 (with FMA), or none.

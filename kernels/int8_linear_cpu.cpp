@@ -20,6 +20,8 @@
 #include <tuple>
 #include <vector>
 
+#include "step_team.h"
+
 namespace {
 
 // sum_i q[i] * w[i] over k int8s, exactly, three ways. With AVX512-VNNI: vpdpbusd multiplies unsigned by signed
@@ -300,9 +302,10 @@ at::Tensor int8_linear_rows(const at::Tensor& x, const at::Tensor& weight, const
       }
     });
   } else {
-    // Each weight row is read once, for every row of x, while it is in cache.
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
+    // Each weight row is read once, for every row of x, while it is in cache; units of 16 rows, each thread's
+    // share one sequential stream (step_team.h).
+    tessera_team::for_each_unit(static_cast<int>(at::get_num_threads()), (n + 15) / 16, [&](int64_t unit) {
+      for (int64_t j = 16 * unit; j < std::min<int64_t>(n, 16 * unit + 16); ++j) {
         const int8_t* wj = wp + j * k;
         for (int64_t r = 0; r < rows; ++r) {
           rescale(dot == Dot::vnni       ? dot_vnni(u.data() + r * k, wj, k, sp[j])

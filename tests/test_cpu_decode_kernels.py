@@ -126,6 +126,68 @@ def test_the_gemvs_avx2_path_matches_too_where_the_cpu_has_avx512():
         result.stdout[-2000:]
 
 
+STEP_TEAM_CHECK = """
+import sys, threading, time
+from pathlib import Path
+import torch
+from tessera.kernels import paged_attention_cpu
+from tessera.worker.models.int8_linear import Int8Linear
+paged_attention_cpu.load("dense_gemv")
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+cases = []  # (layer, inputs of one to four rows)
+for dtype in (torch.float32, torch.bfloat16):
+    if torch.ops.tessera.gemv_available(dtype):
+        packed = torch.ops.tessera.gemv_pack(torch.randn(1000, 512, generator=g).to(dtype))
+        cases.append((lambda x, packed=packed: torch.ops.tessera.gemv(x, packed, None, 1000),
+                      [torch.randn(rows, 512, generator=g).to(dtype) for rows in (1, 2, 3, 4)]))
+cases.append((Int8Linear(torch.randn(1000, 512, generator=g) / 512 ** 0.5, None),
+              [torch.randn(rows, 512, generator=g) for rows in (1, 2, 3, 4)]))
+outs = [[layer(x) for x in inputs] for layer, inputs in cases]
+torch.save(outs, sys.argv[1])
+
+def again():  # the same calls from several threads at once: a busy team runs a second caller's job alone
+    for _ in range(50):
+        for (layer, inputs), expected in zip(cases, outs):
+            assert all(torch.equal(layer(x), y) for x, y in zip(inputs, expected))
+threads = [threading.Thread(target=again) for _ in range(3)]
+for t in threads: t.start()
+for t in threads: t.join()
+
+def team_threads():
+    return [t for t in Path("/proc/self/task").iterdir() if (t / "comm").read_text().strip() == "tessera-team"]
+def team_cpu():  # seconds of CPU the team's workers have used
+    return sum(sum(map(int, (t / "stat").read_text().rsplit(")", 1)[1].split()[11:13])) for t in team_threads()) / 100
+time.sleep(0.05)
+before = team_cpu()
+time.sleep(0.5)
+print(len(team_threads()), team_cpu() - before)
+"""
+
+
+@pytest.mark.skipif(not gemv_runs(torch.float32), reason="the native GEMV needs AVX2 (or AVX-512) and a C++ compiler")
+def test_the_step_team_gives_the_openmp_results_and_sleeps_between_steps(tmp_path):
+    """TESSERA_STEP_TEAM=1 (kernels/step_team.h) runs the GEMVs (float32, bf16, int8; one to four rows) on a team
+    of its own: bit for bit what OpenMP's threads give, also from several threads at once, and its worker uses
+    no CPU once idle (a spinning one would use the whole 0.5 s). Without it there is no team."""
+    import os
+    import subprocess
+    import sys
+
+    runs = {}
+    for team in ("1", "0"):
+        env = {**os.environ, "TESSERA_STEP_TEAM": team, "OMP_NUM_THREADS": "2"}
+        result = subprocess.run([sys.executable, "-c", STEP_TEAM_CHECK, str(tmp_path / f"{team}.pt")],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        workers, idle = result.stdout.split()
+        runs[team] = int(workers), float(idle), torch.load(tmp_path / f"{team}.pt")
+    assert runs["1"][0] == 1 and runs["0"][0] == 0
+    assert runs["1"][1] <= 0.05, runs["1"][1]
+    for ours, theirs in zip(runs["1"][2], runs["0"][2]):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
 @pytest.mark.skipif(not gemv_runs(torch.float32), reason="the native GEMV needs AVX2 (or AVX-512) and a C++ compiler")
 def test_gemv_refuses_what_it_cannot_compute():
     packed = torch.ops.tessera.gemv_pack(torch.randn(40, 24))
