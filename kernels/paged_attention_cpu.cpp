@@ -5,6 +5,8 @@
 // (64 decodes of 260 tokens, bf16, cache-resident: ~1.6 ms a layer -> ~0.5 ms on the 2-core EPYC). A bf16 cache on
 // a CPU with AVX512-BF16 is multiplied with VDPBF16PS, as stored (cache-resident 0.38 -> 0.31 ms a layer, Zen 4).
 //
+// Fewer requests than threads: long contexts are split across the threads and the parts combined (split_contexts).
+//
 // The cache holds the query's dtype, or int8 (--kv-cache-dtype int8): each row of head_dim int8 values followed by
 // its float32 scale (4 bytes), value = int8 * scale; the kernel takes the scale out of each score and each value
 // weight, so rows are read as bytes and widened in registers.
@@ -335,14 +337,15 @@ inline void prefetch_rows(const T* block, int64_t t0, int64_t t1, int64_t slot_s
 }
 
 // s[i] = exp(s[i] - max(s)) for i < count, in vectors (a scalar max and sum are each a dependent chain of `count`
-// operations); returns the sum.
-__attribute__((target("avx512f"))) inline float exp_less_max(float* s, int64_t count) {
+// operations); returns the sum, and the max in *max.
+__attribute__((target("avx512f"))) inline float exp_less_max(float* s, int64_t count, float* max) {
   const __mmask16 tail = static_cast<__mmask16>((1u << (count % 16)) - 1);
   const int64_t whole = count - count % 16;
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < whole; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + i));
   if (tail) m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, s + whole));
-  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  *max = _mm512_reduce_max_ps(m);
+  const __m512 top = _mm512_set1_ps(*max);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < whole; i += 16) {
     const __m512 e = tessera_vec::exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), top));
@@ -377,7 +380,7 @@ template <typename T, typename C, int NV, int P, bool DP>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void attend_blocks_avx512(
     T* out, const T* q, const C* keys, const C* values, Context context, Context next, int64_t heads,
     int64_t group, int64_t block_size, int64_t block_stride, int64_t slot_stride, int64_t head_stride, float scale,
-    float* s, float* acc, float* sums, uint16_t* w) {
+    float* s, float* acc, float* sums, uint16_t* w, float* partial) {
   constexpr int64_t D = 16 * NV;
   const int32_t* block_table = context.block_table;
   const int64_t first = context.first, seq_len = context.seq_len;
@@ -431,7 +434,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void attend_bloc
     }
     if (pass == 1) break;
     for (int64_t h = 0; h < heads; ++h) {
-      sums[h] = exp_less_max(s + h * length, length);  // normalized at the end
+      sums[h] = exp_less_max(s + h * length, length, sums + heads + h);  // normalized at the end
       if constexpr (DP) round_to_bf16(s + h * length, w + h * length, length);
     }
     std::fill(acc, acc + heads * D, 0.f);
@@ -440,6 +443,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void attend_bloc
   for (int64_t h = 0; h < heads; ++h) {
     const __m512 inv = _mm512_set1_ps(1.f / sums[h]);
     for (int j = 0; j < NV; ++j) _mm512_store_ps(lane + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(acc + h * D + 16 * j), inv));
+    if (partial != nullptr) {  // a part of the context (split_contexts): float32 output, its max and its sum
+      float* ph = partial + h * (D + 2);
+      for (int64_t d = 0; d < D; ++d) ph[DP ? value_lane(d) : natural_index<C>(d)] = lane[d];
+      ph[D] = sums[heads + h], ph[D + 1] = sums[h];
+      continue;
+    }
     for (int64_t d = 0; d < D; ++d) out[h * D + (DP ? value_lane(d) : natural_index<C>(d))] = static_cast<T>(lane[d]);
   }
 }
@@ -448,17 +457,17 @@ template <typename T, typename C, int NV>
 void attend_request_avx512(T* out, const T* q, const C* keys, const C* values, Context context, Context next,
                            int64_t heads, int64_t group, int64_t block_size, int64_t block_stride,
                            int64_t slot_stride, int64_t head_stride, float scale, std::vector<float>& scores,
-                           std::vector<float>& acc, std::vector<uint16_t>& weights) {
+                           std::vector<float>& acc, std::vector<uint16_t>& weights, float* partial) {
   const int64_t length = context.seq_len - context.first;
   scores.resize(heads * length);
-  acc.resize(heads * (16 * NV + 1));  // the value sums, then each head's softmax denominator
+  acc.resize(heads * (16 * NV + 2));  // the value sums, then each head's softmax denominator, then its max
   constexpr bool bf16 = std::is_same_v<C, c10::BFloat16>;
   const bool dp = bf16 && has_avx512_bf16();
   if (dp) weights.resize(heads * length);
   const auto call = dp ? (group % 2 == 0 ? attend_blocks_avx512<T, C, NV, 2, bf16> : attend_blocks_avx512<T, C, NV, 1, bf16>)
                        : (group % 2 == 0 ? attend_blocks_avx512<T, C, NV, 2, false> : attend_blocks_avx512<T, C, NV, 1, false>);
   call(out, q, keys, values, context, next, heads, group, block_size, block_stride, slot_stride, head_stride, scale,
-       scores.data(), acc.data(), acc.data() + heads * 16 * NV, dp ? weights.data() : nullptr);
+       scores.data(), acc.data(), acc.data() + heads * 16 * NV, dp ? weights.data() : nullptr, partial);
 }
 
 // Whether attend_request_avx512 serves this query dtype and head size on this CPU.
@@ -466,6 +475,65 @@ template <typename T>
 bool vector_path(int64_t head_dim) {
   return (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) && (head_dim == 64 || head_dim == 128) &&
          tessera_vec::has_avx512();
+}
+
+// Fewer requests than threads (one stream, a few): each context is split into parts of at least MIN_PART tokens,
+// one per thread, every part attended on its own (its own max and sum: flash-decoding's split of the keys) and the
+// parts combined, out = sum_p l_p e^(m_p - m) o_p / sum_p l_p e^(m_p - m), so that one long context is read by every
+// thread rather than by one (a 1,900-token context took 1.5 ms of a 3.4 ms bf16 token on one thread, 2-core Xeon).
+// Returns false where no context is long enough to split.
+constexpr int64_t MIN_PART = 256;
+
+template <typename T, typename C>
+bool split_contexts(const at::Tensor& q, const C* k_ptr, const C* v_ptr, const int32_t* table_ptr,
+                    const int32_t* len_ptr, int64_t max_blocks, int64_t window, int64_t heads, int64_t group,
+                    int64_t head_dim, int64_t block_size, int64_t block_stride, int64_t slot_stride,
+                    int64_t head_stride, float scale, at::Tensor& out) {
+  const int64_t n = q.size(0), threads = at::get_num_threads(), per_request = std::max<int64_t>(1, threads / n);
+  struct Part { int64_t request, first, end; };
+  std::vector<Part> parts;
+  std::vector<int64_t> starts(n + 1);  // request r's parts: [starts[r], starts[r + 1])
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t first = window > 0 ? std::max<int64_t>(0, len_ptr[r] - window) : 0, length = len_ptr[r] - first;
+    const int64_t count = std::clamp<int64_t>(length / MIN_PART, 1, per_request);
+    starts[r] = static_cast<int64_t>(parts.size());
+    for (int64_t i = 0; i < count; ++i)
+      parts.push_back({r, first + length * i / count, first + length * (i + 1) / count});
+  }
+  starts[n] = static_cast<int64_t>(parts.size());
+  if (starts[n] == n) return false;
+  const int64_t stride = head_dim + 2;  // a part's output for one head, then its max and its sum
+  std::vector<float> partial(parts.size() * heads * stride);
+  const T* q_ptr = q.const_data_ptr<T>();
+  at::parallel_for(0, static_cast<int64_t>(parts.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, acc;
+    std::vector<uint16_t> weights;
+    for (int64_t i = begin; i < end; ++i) {
+      const Part& part = parts[i];
+      const Context context{table_ptr + part.request * max_blocks, part.first, part.end};
+      const auto call = head_dim == 64 ? attend_request_avx512<T, C, 4> : attend_request_avx512<T, C, 8>;
+      call(nullptr, q_ptr + part.request * q.stride(0), k_ptr, v_ptr, context, Context{nullptr, 0, 0}, heads, group,
+           block_size, block_stride, slot_stride, head_stride, scale, scores, acc, weights,
+           partial.data() + i * heads * stride);
+    }
+  });
+  T* out_ptr = out.mutable_data_ptr<T>();
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t h = 0; h < heads; ++h) {
+      float top = partial[(starts[r] * heads + h) * stride + head_dim];  // (no infinities under -ffast-math)
+      for (int64_t i = starts[r] + 1; i < starts[r + 1]; ++i)
+        top = std::max(top, partial[(i * heads + h) * stride + head_dim]);
+      std::vector<float> sum(head_dim, 0.f);
+      float total = 0.f;
+      for (int64_t i = starts[r]; i < starts[r + 1]; ++i) {
+        const float* ph = partial.data() + (i * heads + h) * stride;
+        const float weight = ph[head_dim + 1] * std::exp(ph[head_dim] - top);
+        total += weight;
+        for (int64_t d = 0; d < head_dim; ++d) sum[d] += weight * ph[d];
+      }
+      for (int64_t d = 0; d < head_dim; ++d) out_ptr[(r * heads + h) * head_dim + d] = static_cast<T>(sum[d] / total);
+    }
+  return true;
 }
 
 // Every request against caches of element type C (the queries' T, or int8_t).
@@ -486,6 +554,13 @@ void attend_all(const at::Tensor& q, const at::Tensor& key_cache, const at::Tens
   // lane takes every lanes-th request instead.
   const int64_t lanes = std::min<int64_t>(at::get_num_threads(), n);
   const bool vector = vector_path<T>(head_dim);
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+    if (vector && n < at::get_num_threads() && !at::in_parallel_region()) {
+      if (split_contexts<T, C>(q, k_ptr, v_ptr, table_ptr, len_ptr, max_blocks, window, heads, group, head_dim,
+                               block_size, block_stride, slot_stride, head_stride, scale, out))
+        return;
+    }
+  }
   at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, query, acc;  // per thread, reused across its requests
     std::vector<uint16_t> weights;
@@ -501,7 +576,7 @@ void attend_all(const at::Tensor& q, const at::Tensor& key_cache, const at::Tens
             const Context next = r + lanes < n ? context(r + lanes) : Context{nullptr, 0, 0};
             const auto call = head_dim == 64 ? attend_request_avx512<T, C, 4> : attend_request_avx512<T, C, 8>;
             call(out_ptr + offset, q_ptr + q_offset, k_ptr, v_ptr, context(r), next, heads, group, block_size,
-                 block_stride, slot_stride, head_stride, scale, scores, acc, weights);
+                 block_stride, slot_stride, head_stride, scale, scores, acc, weights, nullptr);
             continue;
           }
         }

@@ -115,6 +115,30 @@ def test_cpu_kernel_many_threads_and_uneven_lengths_match_one_thread():
     assert torch.equal(op(q, kv_cache[0], kv_cache[1], tables, lens, 0.125, 0), one)  # same math per item
 
 
+@DTYPES
+@pytest.mark.parametrize("int8_cache", [False, True], ids=["cache-dtype", "cache-int8"])
+def test_long_contexts_of_fewer_requests_than_threads_are_split_and_combined(dtype, int8_cache):
+    """One or a few requests: each long context is split into parts of >= 256 tokens across the threads (each
+    part's own max and sum, then combined). Four threads here, so one request of 1,500 tokens runs in four parts,
+    two requests in two each, with and without a sliding window; against the reference and against one thread."""
+    threads = torch.get_num_threads()
+    for seq_lens in ([1500], [300, 1100], [700, 40, 2000]):
+        q, kv_cache, tables, lens = decode_batch(seq_lens, 8, 2, 64, 16, torch.float32, seed=len(seq_lens))
+        rows = int8_kv.quantize(kv_cache) if int8_cache else kv_cache.to(dtype)
+        values = int8_kv.dequantize(rows, torch.float32) if int8_cache else rows.float()
+        for window in (0, 600):
+            try:
+                torch.set_num_threads(4)
+                split = op(q.to(dtype), rows[0], rows[1], tables, lens, 0.125, window)
+                torch.set_num_threads(1)
+                whole = op(q.to(dtype), rows[0], rows[1], tables, lens, 0.125, window)
+            finally:
+                torch.set_num_threads(threads)
+            expected = reference(q.to(dtype).float(), values, tables, lens, 0.125, window or None)
+            torch.testing.assert_close(split.float(), expected, **TOLERANCE[dtype])
+            torch.testing.assert_close(split, whole, **TOLERANCE[dtype])  # the same but for the sums' order
+
+
 def test_cpu_kernel_rejects_bad_inputs_with_a_message():
     q, kv_cache, tables, lens = decode_batch([5, 9], 4, 2, 32, 4, torch.float32)
     with pytest.raises(RuntimeError, match="int32"):
