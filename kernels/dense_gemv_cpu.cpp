@@ -15,12 +15,9 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include <omp.h>
-
 #include "step_team.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>

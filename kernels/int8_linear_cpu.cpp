@@ -204,19 +204,21 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_rows(const at::Tensor& x, int64
   return {values, scale};
 }
 
-// (acc * x_scale) * weight_scale + bias in x's dtype, for the first rows of acc [>= rows, n] int32 (x_scale
-// [rows, 1], weight_scale [1, n] float32, bias [n] float32 or none): the PyTorch path's operations in its order.
+// One output: the PyTorch path's operations in its order, (acc * s_x) * s_w + b.
+inline float rescaled(int32_t acc, float x_scale, float weight_scale, const float* bias, int64_t j) {
+  float y = static_cast<float>(acc) * x_scale;
+  y = y * weight_scale;
+  return bias != nullptr ? y + bias[j] : y;
+}
+
+// rescaled() in x's dtype, for the first rows of acc [>= rows, n] int32 (x_scale [rows, 1], weight_scale [1, n]
+// float32, bias [n] float32 or none).
 template <typename T>
 void rescale_rows(const int32_t* acc, const float* xs, const float* ws, const float* bias, int64_t rows, int64_t n,
                   T* out) {
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
-      for (int64_t j = 0; j < n; ++j) {
-        float y = static_cast<float>(acc[r * n + j]) * xs[r];
-        y = y * ws[j];
-        if (bias != nullptr) y = y + bias[j];
-        out[r * n + j] = static_cast<T>(y);
-      }
+      for (int64_t j = 0; j < n; ++j) out[r * n + j] = static_cast<T>(rescaled(acc[r * n + j], xs[r], ws[j], bias, j));
   });
 }
 
@@ -281,12 +283,7 @@ at::Tensor int8_linear_rows(const at::Tensor& x, const at::Tensor& weight, const
   float* op = out.mutable_data_ptr<float>();
   const int8_t* wp = w.const_data_ptr<int8_t>();
   const float* wsp = ws.const_data_ptr<float>();
-  const auto rescale = [&](int32_t acc, int64_t r, int64_t j) {
-    float y = static_cast<float>(acc) * scale[r];  // the PyTorch path's order: (acc * s_x) * s_w + b
-    y = y * wsp[j];
-    if (b != nullptr) y = y + b[j];
-    op[r * n + j] = y;
-  };
+  const auto rescale = [&](int32_t acc, int64_t r, int64_t j) { op[r * n + j] = rescaled(acc, scale[r], wsp[j], b, j); };
   if (dot == Dot::avx2 && rows > 4) {
     // Many rows on AVX2: blocked sums, x in tiles of 64 rows that stay in L2 while a thread's share of the
     // weight rows passes them, each tile rescaled as soon as its sums are in.

@@ -490,18 +490,22 @@ bool split_contexts(const at::Tensor& q, const C* k_ptr, const C* v_ptr, const i
                     int64_t head_dim, int64_t block_size, int64_t block_stride, int64_t slot_stride,
                     int64_t head_stride, float scale, at::Tensor& out) {
   const int64_t n = q.size(0), threads = at::get_num_threads(), per_request = std::max<int64_t>(1, threads / n);
+  const auto length_of = [&](int64_t r) { return window > 0 ? std::min<int64_t>(len_ptr[r], window) : len_ptr[r]; };
+  bool any = false;  // checked first: this runs for every layer of every step of one stream
+  if (per_request < 2) return false;
+  for (int64_t r = 0; r < n && !any; ++r) any = length_of(r) >= 2 * MIN_PART;
+  if (!any) return false;
   struct Part { int64_t request, first, end; };
   std::vector<Part> parts;
   std::vector<int64_t> starts(n + 1);  // request r's parts: [starts[r], starts[r + 1])
   for (int64_t r = 0; r < n; ++r) {
-    const int64_t first = window > 0 ? std::max<int64_t>(0, len_ptr[r] - window) : 0, length = len_ptr[r] - first;
+    const int64_t length = length_of(r), first = len_ptr[r] - length;
     const int64_t count = std::clamp<int64_t>(length / MIN_PART, 1, per_request);
     starts[r] = static_cast<int64_t>(parts.size());
     for (int64_t i = 0; i < count; ++i)
       parts.push_back({r, first + length * i / count, first + length * (i + 1) / count});
   }
   starts[n] = static_cast<int64_t>(parts.size());
-  if (starts[n] == n) return false;
   const int64_t stride = head_dim + 2;  // a part's output for one head, then its max and its sum
   std::vector<float> partial(parts.size() * heads * stride);
   const T* q_ptr = q.const_data_ptr<T>();
@@ -518,12 +522,13 @@ bool split_contexts(const at::Tensor& q, const C* k_ptr, const C* v_ptr, const i
     }
   });
   T* out_ptr = out.mutable_data_ptr<T>();
+  std::vector<float> sum(head_dim);
   for (int64_t r = 0; r < n; ++r)
     for (int64_t h = 0; h < heads; ++h) {
       float top = partial[(starts[r] * heads + h) * stride + head_dim];  // (no infinities under -ffast-math)
       for (int64_t i = starts[r] + 1; i < starts[r + 1]; ++i)
         top = std::max(top, partial[(i * heads + h) * stride + head_dim]);
-      std::vector<float> sum(head_dim, 0.f);
+      std::fill(sum.begin(), sum.end(), 0.f);
       float total = 0.f;
       for (int64_t i = starts[r]; i < starts[r + 1]; ++i) {
         const float* ph = partial.data() + (i * heads + h) * stride;
