@@ -59,13 +59,14 @@ def test_add_rms_norm_matches_pytorch(dtype, rows, dim):
 
 @needs_ops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_in_place_is_bit_for_bit_the_pytorch_rotation_on_strided_views(dtype):
-    heads, kv_heads, head_dim, tokens = 4, 2, 32, 6
+@pytest.mark.parametrize("head_dim", [32, 48, 128])  # halves of one vector, one and a scalar tail, four
+def test_rotary_in_place_is_bit_for_bit_the_pytorch_rotation_on_strided_views(dtype, head_dim):
+    heads, kv_heads, tokens = 4, 2, 40  # more tokens than one thread's share
     rope = RotaryEmbedding(head_dim, 300, 10000.0, None)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(dtype)
     q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)  # strided: rows of qkv
-    positions = torch.tensor([0, 1, 17, 100, 250, 299])
+    positions = torch.tensor([0, 1, 17, 100, 250, 299] + list(range(120, 120 + tokens - 6)))
     cos, sin = rope(positions, dtype)
     expected_q, expected_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     untouched = qkv[:, (heads + kv_heads) * head_dim:].clone()
@@ -73,7 +74,7 @@ def test_rotary_in_place_is_bit_for_bit_the_pytorch_rotation_on_strided_views(dt
     assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], untouched)  # v is left alone
     with pytest.raises(RuntimeError, match="position 300 outside the table of 300"):
-        torch.ops.tessera.rotary_(q, k, torch.tensor([0, 1, 2, 3, 4, 300]), rope.cos_sin_cache)
+        torch.ops.tessera.rotary_(q, k, torch.tensor([300] + [0] * (tokens - 1)), rope.cos_sin_cache)
 
 
 @needs_ops
