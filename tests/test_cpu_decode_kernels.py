@@ -59,7 +59,7 @@ def test_add_rms_norm_matches_pytorch(dtype, rows, dim):
 
 @needs_ops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [32, 48, 128])  # halves of one vector, one and a scalar tail, four
+@pytest.mark.parametrize("head_dim", [32, 48, 128])  # a half of 16, 24 (not a multiple of 16) and 64
 def test_rotary_in_place_is_bit_for_bit_the_pytorch_rotation_on_strided_views(dtype, head_dim):
     heads, kv_heads, tokens = 4, 2, 40  # more tokens than one thread's share
     rope = RotaryEmbedding(head_dim, 300, 10000.0, None)
