@@ -244,7 +244,7 @@ inline bool has_avx512_bf16() {
 // A span of lines to prefetch, issued a few per token from inside the loops that compute, so that the prefetches
 // interleave with the arithmetic instead of coming in a burst per head: on Intel a software prefetch holds one of
 // the core's few L1 fill buffers until its line arrives, and a burst of them stalled the loads behind it (64
-// decodes of 260 tokens, bf16, cold, 2-core AMX Xeon: 0.71-0.75 -> 0.58-0.64 ms a layer; 10 % slower when the
+// decodes of 260 tokens, bf16, cold, 2-core AMX Xeon: 0.71-0.78 -> 0.58-0.66 ms a layer; 10 % slower when the
 // blocks sit in L2).
 struct Ahead {
   const char* next = nullptr;
@@ -437,10 +437,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void attend_bloc
       const int64_t offset = b * block_size + t0 - first;  // of the block's first token in the scores
       for (int64_t h = 0; h < heads; h += P) {
         const C* kv = block + (h / group) * head_stride;
+        const int64_t a0 = n0 + (n1 - n0) * h / heads, a1 = n0 + (n1 - n0) * (h + P) / heads;  // tokens ahead
         if constexpr (DP) {
           Ahead lines;
           if (ahead != nullptr) {
-            const int64_t a0 = n0 + (n1 - n0) * h / heads, a1 = n0 + (n1 - n0) * (h + P) / heads;
             lines.next = reinterpret_cast<const char*>(ahead + a0 * slot_stride);
             lines.end = reinterpret_cast<const char*>(ahead + a1 * slot_stride);
             const int64_t count = (lines.end - lines.next + 63) / 64, steps = pass == 0 ? t1 - t0 : (t1 - t0 + 1) / 2;
@@ -451,14 +451,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void attend_bloc
           else
             accumulate_block_bf16<NV, P>(acc + h * D, kv, t0, t1, slot_stride, w + h * length + offset, length, lines);
           lines.rest();
-          continue;
-        }
-        if (ahead != nullptr)
-          prefetch_rows(ahead, n0 + (n1 - n0) * h / heads, n0 + (n1 - n0) * (h + P) / heads, slot_stride);
-        if (pass == 0) {
-          score_block<T, C, NV, P>(q + h * D, kv, t0, t1, slot_stride, scale, s + h * length + offset, length);
         } else {
-          accumulate_block<C, NV, P>(acc + h * D, kv, t0, t1, slot_stride, s + h * length + offset, length);
+          if (ahead != nullptr) prefetch_rows(ahead, a0, a1, slot_stride);
+          if (pass == 0)
+            score_block<T, C, NV, P>(q + h * D, kv, t0, t1, slot_stride, scale, s + h * length + offset, length);
+          else
+            accumulate_block<C, NV, P>(acc + h * D, kv, t0, t1, slot_stride, s + h * length + offset, length);
         }
       }
     }
